@@ -1,0 +1,38 @@
+"""Shared fixtures: generated UrbanSound8K-shaped data and tiny AST checkpoints, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small generated dataset: 4 folds x 10 classes x 2 clips, every WAV kind."""
+    from trainable.synth import generate
+
+    root = tmp_path_factory.mktemp("us8k-small")
+    generate(root, clips_per_class=2, folds=(1, 2, 3, 4), seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """(dataset, tiny pretrained AST) exactly as the demo builds them: the learnable setting."""
+    from trainable.demo import ensure_demo_assets
+
+    return ensure_demo_assets(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ast_1024(tmp_path_factory):
+    """A random tiny AST saved at 1024 frames with a 527-class head (like the hub checkpoint's geometry)."""
+    from trainable.model import build_tiny_ast
+
+    return build_tiny_ast(tmp_path_factory.mktemp("tiny-ast-1024"), num_labels=527, max_length=1024)

@@ -1,0 +1,166 @@
+"""One typed configuration for a training run; the CLI is built from it and every trial is validated against it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+
+from .errors import AstCvError
+
+DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with a default and the one-line help text that the CLI shows."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults (the config is frozen)")
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one training run (one fold x one hyperparameter configuration)."""
+
+    data_root: str = _opt("", "UrbanSound8K folder holding audio/fold1..10 and metadata/UrbanSound8K.csv")
+    model: str = _opt(DEFAULT_MODEL, "Hugging Face hub id or local folder of a pretrained AST checkpoint")
+    folds: tuple[int, ...] = _opt(tuple(range(1, 11)), "folds in use (all ten for the paper protocol; at least 3)")
+    test_fold: int = _opt(1, "the held-out fold whose accuracy this run reports")
+    val_fold: int | None = _opt(None, "fold used to pick the best epoch (default: the fold before the test fold)")
+    lr: float = _opt(5e-5, "AdamW learning rate (small, so the pretrained weights are not destroyed)")
+    batch_size: int = _opt(8, "effective batch size per optimizer step (kept under the OOM fallback)")
+    epochs: int = _opt(5, "training epochs; fine-tuning converges in 5-10")
+    weight_decay: float = _opt(0.01, "AdamW weight decay (torch's default)")
+    num_frames: int = _opt(1024, "fbank frames per clip: 1024 = 10.24 s as pretrained; 400 holds UrbanSound8K's 4 s")
+    seed: int = _opt(0, "random seed; each trial seeds with (seed, test fold) so reruns repeat exactly on CPU")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 where the GPU supports it, else fp16; off on CPU), off, fp16, bf16", choices=AMP_MODES)
+    device: str = _opt("auto", "auto (CUDA when torch sees a GPU), cpu or cuda", choices=DEVICES)
+    num_workers: int = _opt(2, "DataLoader worker processes per trial (0 = decode in the training process)")
+    feature_cache: str = _opt("", "folder of the precomputed feature cache ('' = decode every clip on the fly)")
+    torch_threads: int = _opt(0, "CPU threads torch may use in this run (0 = torch's default)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1 (got {self.epochs})")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay})")
+        if self.num_frames < 16:
+            problems.append(f"num_frames must be >= 16, one AST patch (got {self.num_frames})")
+        if self.torch_threads < 0:
+            problems.append(f"torch_threads must be >= 0 (got {self.torch_threads})")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0 (got {self.num_workers})")
+        bad = [f for f in self.folds if f not in range(1, 11)]
+        if bad:
+            problems.append(f"folds must be within 1..10 (got {list(bad)})")
+        if len(set(self.folds)) < 3:
+            problems.append(f"at least 3 distinct folds are needed for train/validation/test (got {list(self.folds)})")
+        if self.test_fold not in self.folds:
+            problems.append(f"test_fold {self.test_fold} is not among the folds in use {list(self.folds)}")
+        if self.val_fold is not None and (self.val_fold not in self.folds or self.val_fold == self.test_fold):
+            problems.append(f"val_fold {self.val_fold} must be one of the folds in use other than the test fold")
+        if self.amp not in AMP_MODES:
+            problems.append(f"amp must be one of {AMP_MODES} (got {self.amp!r})")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {DEVICES} (got {self.device!r})")
+        if problems:
+            raise AstCvError("Invalid training config: " + "; ".join(problems) + ".")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build a config from plain values (a Ray Tune trial config); unknown keys and bad types fail at once."""
+        hints = get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise AstCvError(f"Unknown config key(s) {unknown}; valid keys: {sorted(hints)}.")
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` to the field's type, or raise AstCvError naming the field."""
+    origin, args = get_origin(hint), get_args(hint)
+    try:
+        if value is None and type(None) in args:
+            return None
+        if type(None) in args:  # Optional[X]
+            hint = next(a for a in args if a is not type(None))
+            origin, args = get_origin(hint), get_args(hint)
+        if origin is tuple:
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                raise TypeError
+            return tuple(_coerce(name, v, args[0]) for v in value)
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise TypeError
+            return int(float(value))
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise AstCvError(f"Config key {name!r} expects {getattr(hint, '__name__', hint)}, got {value!r}.")
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (), only_if_given: bool = False) -> None:
+    """Add one ``--flag`` per config field (help and default from the dataclass), except ``exclude``.
+
+    With ``only_if_given`` a flag left out sets no attribute, so callers can tell it from an explicit default.
+    """
+    hints = get_type_hints(TrainConfig)
+    for f in config_fields():
+        if f.name in exclude:
+            continue
+        hint = hints[f.name]
+        args = get_args(hint)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS if only_if_given else f.default}
+        default = f.default
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else ("''" if default == "" else default)
+        kwargs["help"] = f"{f.metadata['help']} (default: {shown})"
+        if get_origin(hint) is tuple:
+            kwargs.update(type=args[0], nargs="+")
+        elif type(None) in args:
+            kwargs["type"] = next(a for a in args if a is not type(None))
+        else:
+            kwargs["type"] = hint
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    """Build the config from parsed arguments (only the fields present), plus ``overrides``."""
+    values = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
