@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="named search space from search_spaces.py (default: card = 10 folds x lr {1e-5, 5e-5} x batch {8, 16}; demo with --demo)")
     run.add_argument("--folds", type=int, nargs="+", default=None,
                      help="folds in use; each is a test fold once (default: 1..10; at least 3)")
+    run.add_argument("--test-folds", type=int, nargs="+", default=None,
+                     help="run only these test folds now (default: every fold in --folds); the rest trains them as usual")
     run.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates to try (overrides the space)")
     run.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to try (overrides the space)")
     add_config_arguments(p.add_argument_group("training settings (every trial)"),
@@ -144,8 +146,10 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
     space = dict(SPACES[args.space or "card"])
     fixed = {k: v for k, v in space.items() if not isinstance(v, dict)}
     grid = {k: list(v["grid_search"]) for k, v in space.items() if isinstance(v, dict)}
-    if args.folds:
-        grid["test_fold"] = sorted(set(args.folds))
+    folds = sorted(set(args.folds)) if args.folds else sorted(grid["test_fold"])
+    grid["test_fold"] = sorted(set(args.test_folds)) if args.test_folds else folds
+    if not set(grid["test_fold"]) <= set(folds):
+        raise AstCvError(f"--test-folds {grid['test_fold']} must be among --folds {folds}.")
     if args.lrs:
         grid["lr"] = list(args.lrs)
     if args.batch_sizes:
@@ -155,7 +159,7 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
             raise AstCvError(f"search space dimension {key!r} is not supported; grid over {GRID_KEYS}.")
     values = {**fixed, **overrides}
     values.update({k: given[k] for k in given if k in TrainConfig.__dataclass_fields__ and k not in GRID_KEYS})
-    values["folds"] = grid["test_fold"]
+    values["folds"] = folds
     values["test_fold"] = grid["test_fold"][0]
     for key in ("lr", "batch_size"):  # validate every grid value through the config
         for v in grid[key]:
@@ -168,8 +172,10 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
         if args.resume:
             values, grid = manifest["base_config"], manifest["grid"]
         else:
-            old = {k: v for k, v in manifest["base_config"].items() if k not in ("torch_threads", "num_workers")}
-            new = {k: v for k, v in TrainConfig.from_dict(values).to_dict().items() if k not in ("torch_threads", "num_workers")}
+            # Settings that may differ on a resume: per-machine resources, and the grid keys (compared as the grid).
+            free = (*GRID_KEYS, "val_fold", "torch_threads", "num_workers", "device")
+            old = {k: v for k, v in manifest["base_config"].items() if k not in free}
+            new = {k: v for k, v in TrainConfig.from_dict(values).to_dict().items() if k not in free}
             if old != new or manifest["grid"] != grid:
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 if manifest["grid"] != grid:
@@ -184,7 +190,7 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
 
     if not values.get("data_root"):
         raise AstCvError("--data-root is required: the UrbanSound8K folder (holding audio/ and metadata/), or use --demo.")
-    meta = load_metadata(values["data_root"], grid["test_fold"])
+    meta = load_metadata(values["data_root"], values["folds"])
     classes = class_names(meta)
     from trainable.model import check_model_source
 
