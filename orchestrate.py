@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from trainable.config import TrainConfig, add_config_arguments, config_from_args
 from trainable.errors import AstCvError
 from trainable.experiment import (
     BEST_MODEL,
+    FINAL_MODEL,
     REPORT,
     SUMMARY,
     format_lr,
@@ -66,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates to try (overrides the space)")
     run.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to try (overrides the space)")
     add_config_arguments(p.add_argument_group("training settings (every trial)"),
-                         exclude=("lr", "batch_size", "test_fold", "val_fold", "folds", "device", "torch_threads"),
+                         exclude=("lr", "batch_size", "test_fold", "val_fold", "folds", "device", "torch_threads", "feature_cache"),
                          only_if_given=True)
+    cache = p.add_argument_group("feature cache")
+    cache.add_argument("--cache-dir", default=None,
+                       help="where the feature cache lives: each clip's features computed once, shared by all trials "
+                       "(default: STORAGE/feature-cache; ~/.cache/ast-cv/features for URI storage)")
+    cache.add_argument("--no-cache", action="store_true",
+                       help="decode and featurize every clip in every epoch instead (the original recipe; slower)")
     res = p.add_argument_group("resources")
     res.add_argument("--gpus", type=float, default=None,
                      help="GPUs for a local Ray start (default: as many as torch sees; 0 = CPU only). Asking for GPUs "
@@ -87,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the experiment NAME with its recorded settings (re-running the same command does this too)")
     out.add_argument("--max-failures", type=int, default=2,
                      help="times a failed trial is restarted from its last checkpoint (default: 2)")
+    out.add_argument("--refit", action="store_true",
+                     help="after cross-validation, train one model on all folds in use with the best config for the median "
+                     "best epoch and export it as final_model/ (runs on this machine)")
     out.add_argument("--report-only", metavar="EXPERIMENT_DIR", default=None,
                      help="only (re)write summary.json, report.md and best_model/ for an existing experiment folder")
     out.add_argument("--debug", action="store_true", help="show full tracebacks and Ray's own output")
@@ -122,7 +133,7 @@ def _absolute(path: str) -> str:
 
 def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
     """Turn arguments into a validated plan; fail early (before Ray starts) on anything a user can fix."""
-    from trainable.data import class_names, load_metadata
+    from trainable.data import auto_num_frames, class_names, load_metadata
 
     given = {k: getattr(args, k) for k in vars(args)}
     overrides: dict[str, Any] = {}
@@ -160,38 +171,45 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
     values = {**fixed, **overrides}
     values.update({k: given[k] for k in given if k in TrainConfig.__dataclass_fields__ and k not in GRID_KEYS})
     values["folds"] = folds
-    values["test_fold"] = grid["test_fold"][0]
-    for key in ("lr", "batch_size"):  # validate every grid value through the config
-        for v in grid[key]:
-            TrainConfig.from_dict({**values, key: v})
     values["data_root"] = _absolute(values.get("data_root", ""))
     values["model"] = _absolute(values.get("model", TrainConfig.model))
-
-    restore = False
-    if manifest is not None:
-        if args.resume:
-            values, grid = manifest["base_config"], manifest["grid"]
-        else:
-            # Settings that may differ on a resume: per-machine resources, and the grid keys (compared as the grid).
-            free = (*GRID_KEYS, "val_fold", "torch_threads", "num_workers", "device")
-            old = {k: v for k, v in manifest["base_config"].items() if k not in free}
-            new = {k: v for k, v in TrainConfig.from_dict(values).to_dict().items() if k not in free}
-            if old != new or manifest["grid"] != grid:
-                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                if manifest["grid"] != grid:
-                    changed.append("grid")
-                raise AstCvError(
-                    f"Experiment {exp_dir} exists with other settings ({', '.join(changed)}). Pass --resume to continue "
-                    f"it with its own settings, or --name NEW for a new experiment."
-                )
-        restore = True
-    elif args.resume:
+    if manifest is None and args.resume:
         raise AstCvError(f"--resume: no experiment to resume at {exp_dir}. Check --storage-path and --name.")
+    if manifest is not None and args.resume:
+        values, grid = dict(manifest["base_config"]), manifest["grid"]
 
     if not values.get("data_root"):
         raise AstCvError("--data-root is required: the UrbanSound8K folder (holding audio/ and metadata/), or use --demo.")
     meta = load_metadata(values["data_root"], values["folds"])
     classes = class_names(meta)
+    if values.get("num_frames") == "auto":
+        values["num_frames"] = auto_num_frames(values["data_root"], meta)
+        print(f"--num-frames auto: {values['num_frames']} frames hold the longest clip", flush=True)
+    values["test_fold"] = grid["test_fold"][0]
+    for key in ("lr", "batch_size"):  # validate every grid value through the config
+        for v in grid[key]:
+            TrainConfig.from_dict({**values, key: v})
+    if args.no_cache:
+        values["feature_cache"] = ""
+    elif not (args.resume and manifest is not None):
+        cache_dir = args.cache_dir or (str(Path("~/.cache/ast-cv/features").expanduser()) if _is_uri(storage)
+                                       else f"{storage}/feature-cache")
+        values["feature_cache"] = str(Path(cache_dir).expanduser().resolve())
+
+    if manifest is not None and not args.resume:
+        # Settings that may differ on a resume: per-machine resources, and the grid keys (compared as the grid).
+        free = (*GRID_KEYS, "val_fold", "torch_threads", "num_workers", "device", "feature_cache")
+        old = {k: v for k, v in manifest["base_config"].items() if k not in free}
+        new = {k: v for k, v in TrainConfig.from_dict(values).to_dict().items() if k not in free}
+        if old != new or manifest["grid"] != grid:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if manifest["grid"] != grid:
+                changed.append("grid")
+            raise AstCvError(
+                f"Experiment {exp_dir} exists with other settings ({', '.join(changed)}). Pass --resume to continue "
+                f"it with its own settings, or --name NEW for a new experiment."
+            )
+    restore = manifest is not None
     from trainable.model import check_model_source
 
     check_model_source(values["model"])
@@ -324,6 +342,28 @@ def run_experiment(plan: Plan, args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
+def refit(summary: dict[str, Any], plan: Plan) -> Path | None:
+    """Train the final model on all folds with the best config for the median best epoch; export final_model/."""
+    import numpy as np
+
+    from trainable.train import train_on_all_folds
+
+    best = summary["best_config"]
+    if best is None:
+        print("--refit: no finished trials to choose a config from; skipped.")
+        return None
+    cfg = next(c for c in summary["configs"] if (c["lr"], c["batch_size"]) == (best["lr"], best["batch_size"]))
+    epochs = int(np.ceil(np.median(list(cfg["best_epoch"].values()))))
+    config = TrainConfig.from_dict({**plan.base, "lr": best["lr"], "batch_size": best["batch_size"],
+                                    "test_fold": plan.base["folds"][0]})
+    print(f"Refit: lr {format_lr(best['lr'])}, batch {best['batch_size']}, {epochs} epochs on all folds {plan.base['folds']}", flush=True)
+    out = train_on_all_folds(config, epochs, Path(plan.exp_dir) / FINAL_MODEL)
+    summary["final_model_dir"] = str(out)
+    summary["refit"] = {"lr": best["lr"], "batch_size": best["batch_size"], "epochs": epochs, "folds": plan.base["folds"]}
+    (Path(plan.exp_dir) / SUMMARY).write_text(json.dumps(summary, indent=1))
+    return out
+
+
 def print_summary(summary: dict[str, Any], exp_dir: str) -> None:
     n = len(summary["per_fold"])
     if summary["mean"] is None:
@@ -342,6 +382,8 @@ def print_summary(summary: dict[str, Any], exp_dir: str) -> None:
     print(f"Report: {exp_dir}/{REPORT}\nSummary: {exp_dir}/{SUMMARY}")
     if summary["best_model_dir"]:
         print(f"Best model: {exp_dir}/{BEST_MODEL}")
+    if summary.get("final_model_dir"):
+        print(f"Final model (refit on all folds): {summary['final_model_dir']}")
     print(f"TensorBoard: tensorboard --logdir {exp_dir}")
 
 
@@ -361,6 +403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         plan = resolve_plan(args, torch.cuda.device_count())
+        if plan.base["feature_cache"]:
+            from trainable.cache import FeatureCache
+
+            cache = FeatureCache.open(plan.base["feature_cache"], plan.base["data_root"], plan.base["num_frames"],
+                                      plan.base["folds"])
+            print(f"Feature cache: {cache.path} ({len(cache.index)} clips, {plan.base['num_frames']} frames)", flush=True)
         if not plan.restore:
             write_manifest(Path(plan.exp_dir), command=[sys.executable, *sys.argv], base_config=plan.base,
                            grid=plan.grid, classes=plan.classes, resources=plan.resources) if not _is_uri(plan.exp_dir) else None
@@ -368,7 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_uri(plan.exp_dir):
             print(f"Results are in {plan.exp_dir}; copy the folder locally and run --report-only on it for the report.")
             return 1 if failed else 0
-        print_summary(summarize(plan.exp_dir), plan.exp_dir)
+        summary = summarize(plan.exp_dir)
+        if args.refit:
+            refit(summary, plan)
+        print_summary(summary, plan.exp_dir)
         if failed:
             print(f"{failed} trial(s) failed; see error.txt in their folders. Re-run the same command to retry them.",
                   file=sys.stderr)

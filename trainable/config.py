@@ -133,6 +133,16 @@ def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
 
+def frames_arg(text: str) -> int | str:
+    """``--num-frames`` value: a whole number, or 'auto' (the smallest count holding the longest clip)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (), only_if_given: bool = False) -> None:
     """Add one ``--flag`` per config field (help and default from the dataclass), except ``exclude``.
 
@@ -154,6 +164,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
             kwargs["type"] = next(a for a in args if a is not type(None))
         else:
             kwargs["type"] = hint
+        if f.name == "num_frames":
+            kwargs["type"] = frames_arg
+            kwargs["help"] = kwargs["help"].replace(" (default", "; 'auto' fits the longest clip (default")
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)

@@ -19,7 +19,7 @@ import torch
 import torchaudio.functional as AF
 
 from .errors import AstCvError
-from .features import DEFAULT_NUM_FRAMES, SAMPLE_RATE, fbank
+from .features import DEFAULT_NUM_FRAMES, SAMPLE_RATE, fbank, frames_for_seconds
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,25 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     return wave.contiguous()
 
 
+def longest_clip_seconds(root: str | Path, metadata: pd.DataFrame) -> float:
+    """Duration of the longest clip listed in ``metadata``, read from the file headers."""
+    longest = 0.0
+    for fold, name in zip(metadata["fold"], metadata["slice_file_name"]):
+        path = audio_path(root, fold, name)
+        try:
+            info = sf.info(str(path))
+        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+            raise AstCvError(f"Cannot read the header of {path}: {exc}. Replace the file or remove its row from the CSV.") from exc
+        longest = max(longest, info.frames / info.samplerate)
+    return longest
+
+
+def auto_num_frames(root: str | Path, metadata: pd.DataFrame, multiple: int = 16) -> int:
+    """The smallest frame count (a multiple of AST's 16-frame patch) holding the longest clip: 400 for 4 s clips."""
+    frames = frames_for_seconds(longest_clip_seconds(root, metadata))
+    return max(multiple, -(-frames // multiple) * multiple)
+
+
 def clip_features(path: str | Path, num_frames: int = DEFAULT_NUM_FRAMES) -> torch.Tensor:
     """Decode one clip and return its normalized AST features, [num_frames, 128]."""
     return fbank(load_audio(path), num_frames=num_frames)
@@ -244,3 +263,60 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return clip_features(self.paths[i], self.num_frames), int(self.labels[i])
+
+
+US8K_FOLD_SIZES = {1: 873, 2: 888, 3: 925, 4: 990, 5: 936, 6: 823, 7: 838, 8: 806, 9: 816, 10: 837}
+
+
+def verify_dataset(root: str | Path) -> tuple[bool, list[str]]:
+    """Compare a folder with the real UrbanSound8K's shape. Returns (matches, report lines)."""
+    root = Path(root).expanduser()
+    lines: list[str] = []
+    meta = load_metadata(root, check_files=False)
+    ok = True
+    total = len(meta)
+    expected_total = sum(US8K_FOLD_SIZES.values())
+    lines.append(f"clips in the CSV: {total:,} (UrbanSound8K: {expected_total:,})")
+    ok &= total == expected_total
+    for fold, want in US8K_FOLD_SIZES.items():
+        have = int((meta["fold"] == fold).sum())
+        if have != want:
+            ok = False
+            lines.append(f"fold {fold}: {have} clips in the CSV, UrbanSound8K has {want}")
+    names = class_names(meta)
+    if tuple(names) != US8K_CLASSES:
+        ok = False
+        lines.append(f"classes: {names}; UrbanSound8K's are {list(US8K_CLASSES)}")
+    listed = {(int(f), n) for f, n in zip(meta["fold"], meta["slice_file_name"])}
+    on_disk = {(int(p.parent.name[4:]), p.name) for p in (root / AUDIO_DIRNAME).glob("fold*/*")
+               if p.is_file() and p.parent.name[4:].isdigit() and not p.name.startswith(".")}
+    missing, extra = sorted(listed - on_disk), sorted(on_disk - listed)
+    for what, items in (("missing (listed in the CSV, not on disk)", missing), ("extra (on disk, not in the CSV)", extra)):
+        if items:
+            ok = False
+            sample = ", ".join(f"fold{f}/{n}" for f, n in items[:5])
+            lines.append(f"{len(items):,} files {what}: {sample}{' ...' if len(items) > 5 else ''}")
+    lines.append("matches UrbanSound8K's shape" if ok else "does NOT match UrbanSound8K's shape (see above)")
+    return ok, lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m trainable.data", description="Dataset tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="compare a folder with the real UrbanSound8K (8,732 clips, 10 folds, 10 classes)")
+    v.add_argument("--data-root", required=True, help="the UrbanSound8K folder (holding audio/ and metadata/)")
+    args = parser.parse_args(argv)
+    try:
+        ok, lines = verify_dataset(args.data_root)
+    except AstCvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,6 +18,7 @@ SUMMARY = "summary.json"
 PER_TRIAL_CSV = "per_trial.csv"
 REPORT = "report.md"
 BEST_MODEL = "best_model"
+FINAL_MODEL = "final_model"
 
 
 def format_lr(lr: float) -> str:

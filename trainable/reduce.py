@@ -106,7 +106,7 @@ def find_checkpoint(trial: Trial, epoch: int) -> Path | None:
     return None
 
 
-def summarize(exp_dir: str | Path, export: bool = True) -> dict[str, Any]:
+def summarize(exp_dir: str | Path, export: bool = True, plots: bool = True) -> dict[str, Any]:
     """Reduce the experiment in ``exp_dir``; write summary.json, per_trial.csv, report.md and best_model/."""
     exp_dir = Path(exp_dir).expanduser().resolve()
     manifest = read_manifest(exp_dir)
@@ -219,6 +219,12 @@ def summarize(exp_dir: str | Path, export: bool = True) -> dict[str, Any]:
         "versions": manifest.get("versions"),
         "git_commit": manifest.get("git_commit"),
     }
+    summary["plots"] = {}
+    if plots:
+        from .plots import make_all
+
+        summary["plots"] = make_all(summary, {t.name: t.rows for t in trials},
+                                    {t.name: (t.test_fold, t.lr, t.batch_size) for t in trials}, exp_dir)
     (exp_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     _write_per_trial(exp_dir / PER_TRIAL_CSV, trials)
     (exp_dir / REPORT).write_text(render_report(summary))
@@ -289,6 +295,12 @@ def render_report(s: dict[str, Any]) -> str:
         o = s["optimistic"]
         lines.append(f"Optimistic (config chosen on mean **test** accuracy, as many papers do; biased upwards): "
                      f"lr {o['lr']:g}, batch {o['batch_size']}: {_fmt(o['mean'], o['std'])} %.")
+    if s.get("plots"):
+        titles = {"fold_accuracy": "Test accuracy per fold and config", "learning_curves": "Learning curves",
+                  "confusion_matrix": "Confusion matrix", "per_class_accuracy": "Per-class accuracy"}
+        lines += ["", "## Figures", ""]
+        for key, rel in s["plots"].items():
+            lines += [f"### {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({rel})", ""]
     if s["per_class_accuracy"]:
         lines += ["", "## Per class (nested selection, summed over folds)", "", "| class | accuracy % |", "|---|---|"]
         for name, acc in s["per_class_accuracy"].items():

@@ -228,7 +228,7 @@ def build_datasets(config: TrainConfig) -> TrialData:
     if config.feature_cache:
         from .cache import CachedDataset, FeatureCache
 
-        cache = FeatureCache.open(config.feature_cache, config.data_root, config.num_frames)
+        cache = FeatureCache.open(config.feature_cache, config.data_root, config.num_frames, config.folds)
         make = lambda rows: CachedDataset(cache, rows, classes)  # noqa: E731
     else:
         make = lambda rows: ClipDataset(config.data_root, rows, classes, config.num_frames)  # noqa: E731
@@ -306,6 +306,40 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
             save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames)
             report(metrics, Path(tmp))
     return state
+
+
+def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) -> Path:
+    """Train one model on every fold in use (no held-out data) for ``epochs`` epochs and export it (HF format).
+
+    The refit step after cross-validation: the config and epoch count come from the CV results.
+    """
+    from .model import export_model, load_model
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    seed_everything(trial_seed(config))
+    meta = load_metadata(config.data_root, config.folds)
+    classes = class_names(meta)
+    if config.feature_cache:
+        from .cache import CachedDataset, FeatureCache
+
+        dataset = CachedDataset(FeatureCache.open(config.feature_cache, config.data_root, config.num_frames, config.folds), meta, classes)
+    else:
+        dataset = ClipDataset(config.data_root, meta, classes, config.num_frames)
+    device = resolve_device(config)
+    dtype = amp_dtype(config, device)
+    model = load_model(config.model, classes, config.num_frames).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    micro = MicroBatch(size=config.batch_size, batch_size=config.batch_size)
+    generator = torch.Generator()
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    for epoch in range(1, epochs + 1):
+        generator.manual_seed(trial_seed(config) * 100 + epoch)
+        loss, seen, seconds = train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro)
+        log.info("refit epoch %d/%d on all %d clips: train_loss %.4f (%.1f samples/s)", epoch, epochs, seen, loss, seen / max(seconds, 1e-9))
+    return export_model(model.cpu(), out_dir, config.num_frames)
 
 
 def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any]) -> None:
@@ -386,9 +420,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = config_from_args(args)
-        if not config.data_root:
+        if not args.data_root:
             raise AstCvError("--data-root is required: the UrbanSound8K folder (or one made by python -m trainable.synth).")
+        if args.num_frames == "auto":
+            from .data import auto_num_frames
+
+            args.num_frames = auto_num_frames(args.data_root, load_metadata(args.data_root, args.folds))
+            log.info("--num-frames auto: %d frames", args.num_frames)
+        config = config_from_args(args)
         run = LocalRun(args.output)
         restore = None if args.fresh else run.resume_point()
         if args.fresh:

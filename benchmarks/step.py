@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Training-step throughput of AST-base (random init, same architecture as the pretrained checkpoint).
+
+Measures samples/s and model FLOP utilisation (MFU) at several frame counts, fp32 vs AMP, on CPU or GPU:
+
+    python benchmarks/step.py --frames 1024 400 --batch-size 2 --steps 3            # CPU
+    python benchmarks/step.py --frames 1024 400 --batch-size 16 --steps 20 --json out.json   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flops import PEAK_TFLOPS, ast_train_flops  # noqa: E402
+from trainable.model import ast_base_config  # noqa: E402
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def measure(frames: int, amp: str, batch: int, steps: int, warmup: int, device: torch.device, attn: str) -> dict:
+    from transformers import ASTForAudioClassification
+
+    torch.manual_seed(0)
+    config = ast_base_config(max_length=frames, num_labels=10)
+    config._attn_implementation = attn
+    model = ASTForAudioClassification(config).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    x = torch.randn(batch, frames, 128, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(input_values=x).logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    samples_per_s = batch * steps / seconds
+    achieved = samples_per_s * ast_train_flops(frames) / 1e12
+    row = {"frames": frames, "amp": amp, "batch": batch, "steps": steps, "samples_per_s": samples_per_s,
+           "achieved_tflops": achieved, "train_tflop_per_clip": ast_train_flops(frames) / 1e12}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, nargs="+", default=[1024, 400], help="frame counts to measure (default: 1024 400)")
+    p.add_argument("--amp", nargs="+", default=None, choices=["off", "bf16", "fp16"],
+                   help="precisions (default: off and the card's AMP: bf16 if supported else fp16; CPU: off bf16)")
+    p.add_argument("--batch-size", type=int, default=2, help="samples per step (default: 2)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation (default: sdpa)")
+    p.add_argument("--peak-tflops", type=float, nargs=2, metavar=("FP32", "AMP"), default=None,
+                   help="the device's peak TFLOP/s for MFU (default: known GPUs' data sheets; none on CPU)")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = device_name(device)
+    amps = args.amp or (["off", "bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16"])
+    peak = tuple(args.peak_tflops) if args.peak_tflops else PEAK_TFLOPS.get(name)
+    rows = []
+    print(f"device: {name}; torch {torch.__version__}; batch {args.batch_size}; {args.steps} timed steps; attention {args.attn}")
+    print(f"{'frames':>6} {'amp':>5} {'samples/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    for frames in args.frames:
+        for amp in amps:
+            row = measure(frames, amp, args.batch_size, args.steps, args.warmup, device, args.attn)
+            if peak:
+                row["mfu"] = row["achieved_tflops"] / (peak[0] if amp == "off" else peak[1])
+            rows.append(row)
+            mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "n/a"
+            mem = f"{row['peak_mem_gib']:.2f}" if "peak_mem_gib" in row else "n/a"
+            print(f"{frames:>6} {amp:>5} {row['samples_per_s']:>10.2f} {row['achieved_tflops']:>8.3f} {mfu:>6} {mem:>8}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

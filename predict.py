@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Classify audio files with a trained ast-cv model (best_model/ or final_model/ of an experiment).
+
+    python predict.py --model runs/ast-cv/best_model clip.wav more.wav some_folder/ --top-k 3 [--json]
+
+Any WAV kind the data layer reads is accepted; clips longer than the model's window are cut into half-overlapping
+windows whose class probabilities are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from trainable.data import load_audio
+from trainable.errors import AstCvError
+from trainable.features import AUDIOSET_MEAN, AUDIOSET_STD, FRAME_SHIFT_MS, SAMPLE_RATE, WINDOW_SAMPLES, fbank
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
+HOP = int(SAMPLE_RATE * FRAME_SHIFT_MS / 1000)
+
+
+def load_classifier(model_dir: str | Path):
+    """(model, num_frames, mean, std) from an exported folder (config.json + preprocessor_config.json)."""
+    from transformers import ASTForAudioClassification
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise AstCvError(f"{model_dir} holds no config.json: pass --model with an exported folder such as runs/NAME/best_model.")
+    model = ASTForAudioClassification.from_pretrained(model_dir).eval()
+    pre = model_dir / "preprocessor_config.json"
+    fe = json.loads(pre.read_text()) if pre.is_file() else {}
+    return model, int(fe.get("max_length", model.config.max_length)), float(fe.get("mean", AUDIOSET_MEAN)), float(fe.get("std", AUDIOSET_STD))
+
+
+def windows(wave: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
+    """Cut a waveform into windows of ``num_frames`` frames with 50 % overlap (one window if it fits)."""
+    size = (num_frames - 1) * HOP + WINDOW_SAMPLES
+    if wave.numel() <= size:
+        return [wave]
+    step = size // 2
+    starts = list(range(0, wave.numel() - size + 1, step))
+    if starts[-1] + size < wave.numel():
+        starts.append(wave.numel() - size)
+    return [wave[s : s + size] for s in starts]
+
+
+@torch.no_grad()
+def predict_file(model, path: Path, num_frames: int, mean: float, std: float) -> torch.Tensor:
+    """Class probabilities of one file, averaged over its windows."""
+    feats = torch.stack([fbank(w, num_frames, mean, std) for w in windows(load_audio(path), num_frames)])
+    return model(input_values=feats).logits.softmax(-1).mean(0)
+
+
+def expand(paths: Sequence[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise AstCvError(f"{p} does not exist.")
+    if not out:
+        raise AstCvError(f"No audio files found in {', '.join(paths)} (looked for {', '.join(AUDIO_SUFFIXES)}).")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="exported model folder (runs/NAME/best_model or final_model)")
+    p.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=3, help="labels to show per file (default: 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = p.parse_args(argv)
+    try:
+        model, num_frames, mean, std = load_classifier(args.model)
+        results = []
+        for path in expand(args.inputs):
+            probs = predict_file(model, path, num_frames, mean, std)
+            top = probs.topk(min(args.top_k, probs.numel()))
+            labels = [{"label": model.config.id2label[int(i)], "score": float(s)} for s, i in zip(top.values, top.indices)]
+            results.append({"file": str(path), "predictions": labels})
+            if not args.json:
+                print(f"{path}: " + ", ".join(f"{l['label']} {l['score']:.3f}" for l in labels), flush=True)
+    except AstCvError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

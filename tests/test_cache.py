@@ -1,0 +1,92 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainable.cache import CachedDataset, FeatureCache
+from trainable.config import TrainConfig
+from trainable.data import ClipDataset, auto_num_frames, class_names, load_metadata
+from trainable.synth import WAV_KINDS, class_signal, write_clip
+from trainable.train import EPOCH, fit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cache_gives_the_on_the_fly_tensors(synth_root, tmp_path):
+    meta = load_metadata(synth_root)
+    classes = class_names(meta)
+    cache = FeatureCache.open(tmp_path, synth_root, 400)
+    rows = meta.sample(frac=1, random_state=0)  # any order of rows maps to the right cache entries
+    cached, direct = CachedDataset(cache, rows, classes), ClipDataset(synth_root, rows, classes, 400)
+    for i in range(len(rows)):
+        (a, ya), (b, yb) = cached[i], direct[i]
+        assert ya == yb and a.dtype == b.dtype == torch.float32 and a.shape == b.shape == (400, 128)
+        assert (a - b).abs().max().item() <= 1e-3  # float16 storage of values within [-2, 2]
+
+
+def test_same_settings_reuse_and_changes_rebuild(synth_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    first = FeatureCache.open(tmp_path / "c", data, 400)
+    stamp = (first.path / "features.npy").stat().st_mtime_ns
+    again = FeatureCache.open(tmp_path / "c", data, 400)
+    assert again.path == first.path and (again.path / "features.npy").stat().st_mtime_ns == stamp
+    other_frames = FeatureCache.open(tmp_path / "c", data, 512)
+    assert other_frames.path != first.path and other_frames.array().shape[1] == 512
+    meta = load_metadata(data)
+    fold, name = int(meta["fold"][5]), meta["slice_file_name"][5]
+    write_clip(data / "audio" / f"fold{fold}" / name, class_signal(3, 1.0, 16000, np.random.default_rng(9)), WAV_KINDS[6])
+    changed = FeatureCache.open(tmp_path / "c", data, 400)
+    assert changed.path != first.path
+    i = changed.index[(fold, name)]
+    assert not np.array_equal(changed.array()[i], first.array()[first.index[(fold, name)]])
+
+
+def test_trials_starting_together_build_once(synth_root, tmp_path):
+    script = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
+              "from trainable.cache import FeatureCache;"
+              f"FeatureCache.open({str(tmp_path / 'c')!r}, {str(synth_root)!r}, 256, workers=1)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum("building the feature cache" in o for o in outputs) == 1
+    assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 1
+
+
+def test_auto_frames_fit_the_longest_clip(synth_root):
+    meta = load_metadata(synth_root)
+    assert auto_num_frames(synth_root, meta) == 400  # generated clips last up to 4 s, like UrbanSound8K's
+    short = meta[meta["end"] - meta["start"] < 1.0]
+    assert auto_num_frames(synth_root, short) < 112
+
+
+def test_a_1024_frame_checkpoint_trains_at_400(synth_root, tiny_ast_1024, tmp_path):
+    config = TrainConfig.from_dict(dict(data_root=str(synth_root), model=str(tiny_ast_1024), folds=(1, 2, 3, 4),
+                                        test_fold=1, epochs=1, num_frames=400, num_workers=0, lr=1e-3))
+    rows = []
+    fit(config, lambda m, ckpt: rows.append((m, json.loads((ckpt / "config.json").read_text()))))
+    metrics, saved = rows[0]
+    assert np.isfinite(metrics["train_loss"]) and saved["max_length"] == 400
+
+
+def test_cpu_trial_results_unchanged_with_the_cache(synth_root, tiny_ast_1024, tmp_path):
+    base = dict(data_root=str(synth_root), model=str(tiny_ast_1024), folds=(1, 2, 3, 4), test_fold=3, epochs=2,
+                num_frames=400, num_workers=0, lr=1e-3)
+    results = {}
+    for name, cache in (("direct", ""), ("cached", str(tmp_path / "cache"))):
+        rows = []
+        fit(TrainConfig.from_dict({**base, "feature_cache": cache}), lambda m, ckpt: rows.append(m))
+        results[name] = rows
+    for a, b in zip(results["direct"], results["cached"]):
+        assert a[EPOCH] == b[EPOCH]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-2)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-2)
+        assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 0.05
+        assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.05

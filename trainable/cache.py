@@ -1,0 +1,159 @@
+"""Feature cache: every clip's normalized fbank computed once per dataset + feature settings, stored as a float16
+memory-mapped array shared by all trials and folds.
+
+The cache key hashes the feature recipe (frame count included) and the file list (fold, name, size, mtime), so a
+changed setting or file makes a new cache. Building is parallel, shows a progress bar, and holds a file lock so
+that trials starting together build it once.
+
+    python -m trainable.cache --data-root DIR --cache-dir DIR --num-frames 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from filelock import FileLock
+
+from .data import audio_path, clip_features, label_indices, load_metadata
+from .features import AUDIOSET_MEAN, AUDIOSET_STD, NUM_MEL_BINS, recipe_fingerprint
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features.npy"
+INDEX = "index.json"
+STORE_DTYPE = np.float16  # half the bytes; |error| <= 2**-11 relative, ~1e-3 absolute on AST's normalized range
+
+
+def _file_list(root: Path, meta: pd.DataFrame) -> list[tuple[int, str, int, int]]:
+    out = []
+    for fold, name in zip(meta["fold"], meta["slice_file_name"]):
+        st = audio_path(root, fold, name).stat()
+        out.append((int(fold), str(name), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def cache_key(root: str | Path, meta: pd.DataFrame, num_frames: int) -> str:
+    """Hash of the feature recipe, the frame count and the clip files (name, size, modification time)."""
+    h = hashlib.sha256(recipe_fingerprint(num_frames, AUDIOSET_MEAN, AUDIOSET_STD).encode())
+    h.update(json.dumps(_file_list(Path(root), meta)).encode())
+    return h.hexdigest()[:20]
+
+
+def _compute(args: tuple[str, int]) -> np.ndarray:
+    path, num_frames = args
+    torch.set_num_threads(1)
+    return clip_features(path, num_frames).numpy().astype(STORE_DTYPE)
+
+
+@dataclass
+class FeatureCache:
+    """A built cache: ``features[i]`` is the clip at ``index[(fold, name)] == i``."""
+
+    path: Path
+    index: dict[tuple[int, str], int]
+    num_frames: int
+
+    @classmethod
+    def open(cls, cache_root: str | Path, data_root: str | Path, num_frames: int, folds: Sequence[int] | None = None,
+             workers: int | None = None) -> "FeatureCache":
+        """Open the cache for this dataset and settings under ``cache_root``, building it first if needed."""
+        meta = load_metadata(data_root, folds)
+        key = cache_key(data_root, meta, num_frames)
+        path = Path(cache_root).expanduser() / f"{key}-f{num_frames}"
+        if not (path / INDEX).is_file():
+            Path(cache_root).expanduser().mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):
+                if not (path / INDEX).is_file():  # another process may have built it while we waited
+                    build(path, data_root, meta, num_frames, workers)
+        index = json.loads((path / INDEX).read_text())
+        return cls(path, {(int(f), n): i for i, (f, n) in enumerate(index["clips"])}, index["num_frames"])
+
+    def array(self) -> np.ndarray:
+        return np.load(self.path / FEATURES, mmap_mode="r")
+
+
+def build(path: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int, workers: int | None = None) -> None:
+    """Compute every clip's features in parallel into ``path`` (written to a temporary folder, then renamed)."""
+    from tqdm.auto import tqdm
+
+    tmp = path.with_name(path.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    clips = sorted(zip(meta["fold"].astype(int), meta["slice_file_name"]))
+    out = np.lib.format.open_memmap(tmp / FEATURES, mode="w+", dtype=STORE_DTYPE, shape=(len(clips), num_frames, NUM_MEL_BINS))
+    jobs = [(str(audio_path(data_root, f, n)), num_frames) for f, n in clips]
+    workers = workers or max(1, (os.cpu_count() or 1))
+    log.info("building the feature cache (%d clips, %d frames) in %s with %d processes", len(clips), num_frames, path, workers)
+    bar = tqdm(total=len(jobs), desc="feature cache", unit="clip", mininterval=2.0)
+    if workers == 1:
+        results = map(_compute, jobs)
+    else:
+        pool = ProcessPoolExecutor(workers)
+        results = pool.map(_compute, jobs, chunksize=16)
+    try:
+        for i, feats in enumerate(results):
+            out[i] = feats
+            bar.update()
+    finally:
+        bar.close()
+        if workers != 1:
+            pool.shutdown()
+    out.flush()
+    del out
+    (tmp / INDEX).write_text(json.dumps({"num_frames": num_frames, "dtype": np.dtype(STORE_DTYPE).name,
+                                         "clips": [[int(f), str(n)] for f, n in clips]}))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Yields (features [num_frames, 128] float32, label index) from the cache; same items as ClipDataset."""
+
+    def __init__(self, cache: FeatureCache, rows: pd.DataFrame, classes: Sequence[str]):
+        self.cache_path = cache.path
+        self.rows = np.asarray([cache.index[(int(f), n)] for f, n in zip(rows["fold"], rows["slice_file_name"])], dtype=np.int64)
+        self.labels = label_indices(rows, classes)
+        self._features: np.ndarray | None = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._features is None:
+            self._features = np.load(self.cache_path / FEATURES, mmap_mode="r")
+        return torch.from_numpy(self._features[self.rows[i]].astype(np.float32)), int(self.labels[i])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_features"] = None
+        return state
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainable.cache", description="Build the feature cache ahead of training.")
+    parser.add_argument("--data-root", required=True, help="UrbanSound8K folder")
+    parser.add_argument("--cache-dir", required=True, help="folder holding feature caches")
+    parser.add_argument("--num-frames", type=int, default=1024, help="frames per clip (default: 1024)")
+    parser.add_argument("--folds", type=int, nargs="+", default=None, help="folds to include (default: all)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cache = FeatureCache.open(args.cache_dir, args.data_root, args.num_frames, args.folds, args.workers)
+    print(f"feature cache ready: {cache.path} ({len(cache.index)} clips)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
