@@ -245,6 +245,46 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
                 resources={"cpu": cpus, "gpu": gpus_per_trial}, num_gpus=num_gpus, classes=classes, restore=restore)
 
 
+def ensure_writable(exp_dir: Path) -> None:
+    """Fail now, not after hours, if the experiment folder cannot be written."""
+    try:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        probe = exp_dir / ".astcv-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise AstCvError(
+            f"Cannot write to {exp_dir} ({exc.strerror or exc}). Pass --storage-path with a folder you can write to."
+        ) from exc
+
+
+def prepare_inputs(plan: Plan) -> dict[str, str]:
+    """Build the feature cache (or check every file's header without it) before any trial starts.
+
+    Clips that cannot be used (empty, corrupt, NaN/inf samples) are left out of every trial, listed here and in
+    the report. Returns {clip: reason}.
+    """
+    from trainable.data import load_metadata, screen_headers
+
+    if plan.base["feature_cache"]:
+        from trainable.cache import FeatureCache
+
+        cache = FeatureCache.open(plan.base["feature_cache"], plan.base["data_root"], plan.base["num_frames"],
+                                  plan.base["folds"])
+        print(f"Feature cache: {cache.path} ({len(cache.index)} clips, {plan.base['num_frames']} frames)", flush=True)
+        bad = dict(cache.excluded)
+    else:
+        bad = screen_headers(plan.base["data_root"], load_metadata(plan.base["data_root"], plan.base["folds"]))
+    if not plan.restore:
+        plan.base["skip_clips"] = sorted(bad)
+    if bad:
+        print(f"warning: {len(bad)} clip(s) cannot be used and are left out of every trial (listed in the report):",
+              file=sys.stderr)
+        for clip, reason in sorted(bad.items())[:5]:
+            print(f"  {clip}: {reason}", file=sys.stderr)
+    return bad
+
+
 def _trial_name(trial) -> str:
     c = trial.config
     return trial_dirname(c["test_fold"], c["lr"], c["batch_size"])
@@ -305,12 +345,12 @@ def run_experiment(plan: Plan, args: argparse.Namespace) -> int:
     for key in ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE"):
         if key in os.environ:
             env[key] = os.environ[key]
-    init: dict[str, Any] = dict(include_dashboard=False, log_to_driver=args.debug, runtime_env={"env_vars": env},
+    init: dict[str, Any] = dict(log_to_driver=args.debug, runtime_env={"env_vars": env},
                                 logging_level=logging.INFO if args.debug else logging.WARNING)
     if args.address:
         init["address"] = args.address
-    else:
-        init.update(num_gpus=plan.num_gpus, object_store_memory=256 * 1024**2)
+    else:  # a local start: no dashboard (nothing listens beyond Ray's own ports), a modest object store (Colab's /dev/shm)
+        init.update(num_gpus=plan.num_gpus, include_dashboard=False, object_store_memory=256 * 1024**2)
     ray.init(**init)
     try:
         trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.base), plan.resources)
@@ -403,15 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         plan = resolve_plan(args, torch.cuda.device_count())
-        if plan.base["feature_cache"]:
-            from trainable.cache import FeatureCache
-
-            cache = FeatureCache.open(plan.base["feature_cache"], plan.base["data_root"], plan.base["num_frames"],
-                                      plan.base["folds"])
-            print(f"Feature cache: {cache.path} ({len(cache.index)} clips, {plan.base['num_frames']} frames)", flush=True)
-        if not plan.restore:
+        if not _is_uri(plan.exp_dir):
+            ensure_writable(Path(plan.exp_dir))
+        skipped = prepare_inputs(plan)
+        if not plan.restore and not _is_uri(plan.exp_dir):
             write_manifest(Path(plan.exp_dir), command=[sys.executable, *sys.argv], base_config=plan.base,
-                           grid=plan.grid, classes=plan.classes, resources=plan.resources) if not _is_uri(plan.exp_dir) else None
+                           grid=plan.grid, classes=plan.classes, resources=plan.resources, skipped_clips=skipped)
         failed = run_experiment(plan, args)
         if _is_uri(plan.exp_dir):
             print(f"Results are in {plan.exp_dir}; copy the folder locally and run --report-only on it for the report.")

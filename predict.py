@@ -71,14 +71,18 @@ def expand(paths: Sequence[str]) -> list[Path]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="exported model folder (runs/NAME/best_model or final_model)")
     p.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3, help="labels to show per file (default: 3)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         model, num_frames, mean, std = load_classifier(args.model)
         results = []

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transformers import ASTForAudioClassification
+
 import orchestrate
 from search_spaces import SPACES
 from trainable.experiment import trial_dirname
@@ -78,7 +80,12 @@ def test_cross_validation_end_to_end(demo_assets, tmp_path, capsys):
     assert s["versions"]["ray"] and s["config"]["epochs"] == 2
     for f in ("report.md", "per_trial.csv"):
         assert (exp / f).is_file()
-    assert "Nested cross-validation test accuracy" in (exp / "report.md").read_text()
+    report = (exp / "report.md").read_text()
+    assert "Nested cross-validation test accuracy" in report
+    for plot in ("fold_accuracy", "learning_curves", "confusion_matrix", "per_class_accuracy"):
+        rel = s["plots"][plot]
+        assert (exp / rel).is_file() and (exp / rel).stat().st_size > 10_000
+        assert f"]({rel})" in report
 
     from transformers import pipeline
 
@@ -86,11 +93,20 @@ def test_cross_validation_end_to_end(demo_assets, tmp_path, capsys):
     pred = clf(np.zeros(16000, dtype=np.float32), top_k=3)
     assert len(pred) == 3 and pred[0]["label"] in s["classes"]
 
-    # Re-running the finished experiment trains nothing and reports the same numbers.
+    # Re-running the finished experiment trains no trial again, reports the same numbers; --refit adds final_model/.
     rc = orchestrate.main(run_args(demo_assets, tmp_path, "e2e", "--test-folds", "1", "2", "--lrs", "1e-3", "3e-4",
-                                   "--batch-sizes", "8"))
+                                   "--batch-sizes", "8", "--refit"))
     assert rc == 0
-    assert json.loads((exp / "summary.json").read_text())["per_fold"] == s["per_fold"]
+    out = capsys.readouterr().out
+    assert " epoch " not in out.split("Refit:")[0]
+    again = json.loads((exp / "summary.json").read_text())
+    assert again["per_fold"] == s["per_fold"]
+    epochs = sorted(again["configs"], key=lambda c: -c["mean_val_accuracy"])[0]["best_epoch"].values()
+    assert again["refit"]["epochs"] == int(np.ceil(np.median(list(epochs))))
+    assert again["refit"]["folds"] == [1, 2, 3, 4]
+    final = ASTForAudioClassification.from_pretrained(exp / "final_model")
+    assert final.config.max_length == 400 and final.config.num_labels == 10
+    assert json.loads((exp / "final_model" / "preprocessor_config.json").read_text())["max_length"] == 400
     assert orchestrate.main(["--report-only", str(exp)]) == 0
 
 

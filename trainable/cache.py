@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
-from .data import audio_path, clip_features, label_indices, load_metadata
+from .data import audio_path, clip_features, clip_id, label_indices, load_metadata
+from .errors import AstCvError
 from .features import AUDIOSET_MEAN, AUDIOSET_STD, NUM_MEL_BINS, recipe_fingerprint
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,14 @@ def cache_key(root: str | Path, meta: pd.DataFrame, num_frames: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _compute(args: tuple[str, int]) -> np.ndarray:
+def _compute(args: tuple[str, int]) -> np.ndarray | str:
+    """Features of one clip, or the reason it cannot be used (empty, corrupt, NaN/inf samples)."""
     path, num_frames = args
     torch.set_num_threads(1)
-    return clip_features(path, num_frames).numpy().astype(STORE_DTYPE)
+    try:
+        return clip_features(path, num_frames).numpy().astype(STORE_DTYPE)
+    except AstCvError as exc:
+        return str(exc).split(". Replace")[0]
 
 
 @dataclass
@@ -64,6 +69,7 @@ class FeatureCache:
     path: Path
     index: dict[tuple[int, str], int]
     num_frames: int
+    excluded: dict[str, str]  # clip id -> why it could not be featurized
 
     @classmethod
     def open(cls, cache_root: str | Path, data_root: str | Path, num_frames: int, folds: Sequence[int] | None = None,
@@ -78,7 +84,8 @@ class FeatureCache:
                 if not (path / INDEX).is_file():  # another process may have built it while we waited
                     build(path, data_root, meta, num_frames, workers)
         index = json.loads((path / INDEX).read_text())
-        return cls(path, {(int(f), n): i for i, (f, n) in enumerate(index["clips"])}, index["num_frames"])
+        return cls(path, {(int(f), n): i for i, (f, n) in enumerate(index["clips"]) if not index["bad"][i]},
+                   index["num_frames"], {clip_id(f, n): r for (f, n), r in zip(index["clips"], index["bad"]) if r})
 
     def array(self) -> np.ndarray:
         return np.load(self.path / FEATURES, mmap_mode="r")
@@ -102,9 +109,15 @@ def build(path: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int
     else:
         pool = ProcessPoolExecutor(workers)
         results = pool.map(_compute, jobs, chunksize=16)
+    bad: list[str] = []
     try:
         for i, feats in enumerate(results):
-            out[i] = feats
+            if isinstance(feats, str):
+                log.warning("left out of the cache: %s (%s)", clip_id(*clips[i]), feats)
+                bad.append(feats)
+            else:
+                out[i] = feats
+                bad.append("")
             bar.update()
     finally:
         bar.close()
@@ -113,7 +126,7 @@ def build(path: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int
     out.flush()
     del out
     (tmp / INDEX).write_text(json.dumps({"num_frames": num_frames, "dtype": np.dtype(STORE_DTYPE).name,
-                                         "clips": [[int(f), str(n)] for f, n in clips]}))
+                                         "clips": [[int(f), str(n)] for f, n in clips], "bad": bad}))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 

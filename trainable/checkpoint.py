@@ -78,3 +78,40 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scaler) -> TrainerSt
     if extra["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["rng_cuda"])
     return state
+
+
+def checkpoint_problem(ckpt_dir: str | Path) -> str | None:
+    """Why ``ckpt_dir`` cannot be resumed from (missing or damaged files), or None if it looks complete."""
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt_dir)
+    try:
+        state = read_trainer_state(ckpt)
+        if state.epoch < 1:
+            return "trainer_state.json records no finished epoch"
+        json.loads((ckpt / "config.json").read_text())
+        with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any damage: truncated file, bad JSON, unsafe pickle, missing file
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def pick_restore_point(candidates: list[Path]) -> tuple[Path | None, list[str]]:
+    """The first usable checkpoint among ``candidates`` (newest first), and a warning for each damaged one skipped."""
+    warnings = []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, warnings
+        warnings.append(f"checkpoint {ckpt} is damaged ({problem}); trying an older one")
+    return None, warnings
+
+
+def older_checkpoints(latest: Path) -> list[Path]:
+    """Sibling checkpoint folders of ``latest`` (Ray's checkpoint_NNNNNN), newest first."""
+    if not latest.parent.is_dir():
+        return []
+    return sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name != latest.name), reverse=True)

@@ -42,6 +42,7 @@ class TrainConfig:
     num_workers: int = _opt(2, "DataLoader worker processes per trial (0 = decode in the training process)")
     feature_cache: str = _opt("", "folder of the precomputed feature cache ('' = decode every clip on the fly)")
     torch_threads: int = _opt(0, "CPU threads torch may use in this run (0 = torch's default)")
+    skip_clips: tuple[str, ...] = _opt((), "clips left out as unreadable, e.g. fold3/123-4-0-0.wav (found by the pre-run check)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +69,9 @@ class TrainConfig:
             problems.append(f"test_fold {self.test_fold} is not among the folds in use {list(self.folds)}")
         if self.val_fold is not None and (self.val_fold not in self.folds or self.val_fold == self.test_fold):
             problems.append(f"val_fold {self.val_fold} must be one of the folds in use other than the test fold")
+        bad_clips = [c for c in self.skip_clips if c.count("/") != 1 or ".." in c]
+        if bad_clips:
+            problems.append(f"skip_clips entries must look like fold<N>/<file name> (got {bad_clips[:3]})")
         if self.amp not in AMP_MODES:
             problems.append(f"amp must be one of {AMP_MODES} (got {self.amp!r})")
         if self.device not in DEVICES:

@@ -245,6 +245,34 @@ def auto_num_frames(root: str | Path, metadata: pd.DataFrame, multiple: int = 16
     return max(multiple, -(-frames // multiple) * multiple)
 
 
+def clip_id(fold: int, name: str) -> str:
+    """How a clip is named in messages and in ``skip_clips``: ``fold3/123-4-0-0.wav``."""
+    return f"fold{int(fold)}/{name}"
+
+
+def drop_clips(metadata: pd.DataFrame, clips: Iterable[str]) -> pd.DataFrame:
+    """``metadata`` without the rows of ``clips`` (clip ids as made by ``clip_id``)."""
+    clips = set(clips)
+    if not clips:
+        return metadata
+    keep = [clip_id(f, n) not in clips for f, n in zip(metadata["fold"], metadata["slice_file_name"])]
+    return metadata[np.asarray(keep, dtype=bool)].reset_index(drop=True)
+
+
+def screen_headers(root: str | Path, metadata: pd.DataFrame) -> dict[str, str]:
+    """Clips whose file header cannot be read or that hold no samples: {clip id: reason}. Fast (no decoding)."""
+    bad = {}
+    for fold, name in zip(metadata["fold"], metadata["slice_file_name"]):
+        path = audio_path(root, fold, name)
+        try:
+            info = sf.info(str(path))
+            if info.frames == 0:
+                bad[clip_id(fold, name)] = "no samples"
+        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
+            bad[clip_id(fold, name)] = f"unreadable: {str(exc).splitlines()[0]}"
+    return bad
+
+
 def clip_features(path: str | Path, num_frames: int = DEFAULT_NUM_FRAMES) -> torch.Tensor:
     """Decode one clip and return its normalized AST features, [num_frames, 128]."""
     return fbank(load_audio(path), num_frames=num_frames)
@@ -300,15 +328,20 @@ def verify_dataset(root: str | Path) -> tuple[bool, list[str]]:
     return ok, lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser():
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m trainable.data", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="compare a folder with the real UrbanSound8K (8,732 clips, 10 folds, 10 classes)")
     v.add_argument("--data-root", required=True, help="the UrbanSound8K folder (holding audio/ and metadata/)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    args = build_parser().parse_args(argv)
     try:
         ok, lines = verify_dataset(args.data_root)
     except AstCvError as exc:

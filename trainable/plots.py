@@ -48,7 +48,7 @@ def fold_accuracy(summary: dict[str, Any], out: Path) -> Path:
     ax.set_ylabel("test accuracy (%) at best-validation epoch")
     ax.set_ylim(0, 100)
     ax.set_title("Test accuracy per fold and config (dashed: mean, band: ± std)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(2, n), fontsize=8, frameon=False)
     fig.tight_layout()
     path = out / "fold_accuracy.png"
     fig.savefig(path, dpi=120)
@@ -79,6 +79,7 @@ def learning_curves(trial_rows: dict[str, list[dict[str, Any]]], trial_info: dic
         ax.plot(epochs, [100 * r["test_accuracy"] for r in data], color=color, ls="--", marker="x", ms=3)
         ax.set_title(f"test fold {fold}", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for r in range(rows):
         axes[r, 0].set_ylabel("accuracy (%)", fontsize=8)
@@ -128,13 +129,15 @@ def per_class_accuracy(summary: dict[str, Any], out: Path) -> Path:
     ax.set_yticks(range(len(items)), names, fontsize=8)
     ax.invert_yaxis()
     for i, v in enumerate(vals):
-        ax.text(min(v + 1, 92), i, f"{v:.1f}", va="center", fontsize=8)
-    ax.set_xlim(0, 100)
+        ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, 110)
+    ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("test accuracy (%)")
+    title = "Per-class accuracy"
     if summary["mean"] is not None:
-        ax.axvline(100 * summary["mean"], color="gray", ls="--", lw=1, label="overall (nested mean)")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Per-class accuracy")
+        ax.axvline(100 * summary["mean"], color="gray", ls="--", lw=1)
+        title += f" (dashed: overall nested mean, {100 * summary['mean']:.1f} %)"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path = out / "per_class_accuracy.png"
     fig.savefig(path, dpi=120)

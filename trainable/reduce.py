@@ -208,6 +208,7 @@ def summarize(exp_dir: str | Path, export: bool = True, plots: bool = True) -> d
         "classes": classes,
         "confusion_matrix": confusion.tolist() if confusion is not None else None,
         "per_class_accuracy": per_class,
+        "skipped_clips": manifest.get("skipped_clips") or {},
         "trials_expected": len(expected),
         "trials_finished": len(finished),
         "unfinished": unfinished,
@@ -275,6 +276,9 @@ def render_report(s: dict[str, Any]) -> str:
     if not s["complete"]:
         lines += [f"⚠ Partial experiment: {s['trials_finished']} of {s['trials_expected']} trials finished. "
                   f"Missing or unfinished: " + ", ".join(f"{u['trial']} ({u['epochs_done']} epochs)" for u in s["unfinished"]), ""]
+    if s.get("skipped_clips"):
+        lines += [f"⚠ {len(s['skipped_clips'])} clip(s) could not be read and were left out of every trial: "
+                  + "; ".join(f"{c} ({r})" for c, r in sorted(s["skipped_clips"].items())), ""]
     lines += ["## Per fold (nested selection)", "", "| test fold | lr | batch | epoch | val acc % | test acc % |", "|---|---|---|---|---|---|"]
     for p in s["per_fold"]:
         lines.append(f"| {p['fold']} | {p['lr']:g} | {p['batch_size']} | {p['epoch']} | {100 * p['val_accuracy']:.2f} | {100 * p['test_accuracy']:.2f} |")

@@ -26,9 +26,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import TrainerState, load_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    older_checkpoints,
+    pick_restore_point,
+    read_trainer_state,
+    save_checkpoint,
+)
 from .config import TrainConfig, add_config_arguments, config_from_args
-from .data import ClipDataset, class_names, load_metadata, split_folds
+from .data import ClipDataset, class_names, drop_clips, load_metadata, split_folds
 from .errors import AstCvError
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,8 @@ BEST_VAL_ACCURACY = "best_val_accuracy"
 BEST_TEST_ACCURACY = "best_test_accuracy"
 TEST_CONFUSION = "test_confusion"  # JSON string: confusion[true][predicted] counts on the test fold
 OOM_FALLBACKS = "oom_fallbacks"
+NODE_ID = "node_id"  # Ray node that ran the trial (trials only)
+CUDA_VISIBLE_DEVICES = "cuda_visible_devices"  # GPUs Ray gave the trial (trials only)
 
 SIMULATE_OOM_ENV = "ASTCV_SIMULATE_OOM_ABOVE"
 
@@ -220,18 +229,27 @@ class TrialData:
     classes: list[str]
 
 
-def build_datasets(config: TrainConfig) -> TrialData:
-    """Load and split the metadata and wrap each split in a Dataset (cached features when configured)."""
+def dataset_source(config: TrainConfig):
+    """(usable metadata rows, class names, rows -> Dataset) for the folds in use, cached features when configured.
+
+    Clips in ``config.skip_clips``, and clips the feature cache could not decode, are left out.
+    """
     meta = load_metadata(config.data_root, config.folds)
     classes = class_names(meta)
-    splits = split_folds(meta, config.test_fold, config.val_fold)
+    meta = drop_clips(meta, config.skip_clips)
     if config.feature_cache:
         from .cache import CachedDataset, FeatureCache
 
         cache = FeatureCache.open(config.feature_cache, config.data_root, config.num_frames, config.folds)
-        make = lambda rows: CachedDataset(cache, rows, classes)  # noqa: E731
-    else:
-        make = lambda rows: ClipDataset(config.data_root, rows, classes, config.num_frames)  # noqa: E731
+        meta = drop_clips(meta, cache.excluded)
+        return meta, classes, lambda rows: CachedDataset(cache, rows, classes)
+    return meta, classes, lambda rows: ClipDataset(config.data_root, rows, classes, config.num_frames)
+
+
+def build_datasets(config: TrainConfig) -> TrialData:
+    """Load and split the metadata and wrap each split in a Dataset."""
+    meta, classes, make = dataset_source(config)
+    splits = split_folds(meta, config.test_fold, config.val_fold)
     return TrialData(make(splits.train), make(splits.val), make(splits.test), classes)
 
 
@@ -318,14 +336,8 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     seed_everything(trial_seed(config))
-    meta = load_metadata(config.data_root, config.folds)
-    classes = class_names(meta)
-    if config.feature_cache:
-        from .cache import CachedDataset, FeatureCache
-
-        dataset = CachedDataset(FeatureCache.open(config.feature_cache, config.data_root, config.num_frames, config.folds), meta, classes)
-    else:
-        dataset = ClipDataset(config.data_root, meta, classes, config.num_frames)
+    meta, classes, make = dataset_source(config)
+    dataset = make(meta)
     device = resolve_device(config)
     dtype = amp_dtype(config, device)
     model = load_model(config.model, classes, config.num_frames).to(device)
@@ -343,14 +355,23 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
 
 
 def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any]) -> None:
-    """Ray Tune entry point: one fold x one config. ``base`` holds the fixed settings, ``trial_config`` the grid."""
+    """Ray Tune entry point: one fold x config. ``base`` holds the fixed settings, ``trial_config`` the grid.
+
+    Resumes from the trial's latest checkpoint; if that one is damaged (a kill during a write), from the newest
+    older one that is intact, else from scratch, with a warning each time.
+    """
+    import ray
     from ray import tune
 
     config = TrainConfig.from_dict({**base, **trial_config})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    placement = {NODE_ID: ray.get_runtime_context().get_node_id(),
+                 CUDA_VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    if placement[CUDA_VISIBLE_DEVICES] and not torch.cuda.is_available():
+        log.warning("Ray assigned GPU(s) %s but torch sees no CUDA device: training on CPU", placement[CUDA_VISIBLE_DEVICES])
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -358,9 +379,16 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any]) -> None:
         return
     with checkpoint.as_directory() as restored:
         local = Path(tempfile.mkdtemp(prefix="astcv-restore-"))
-        shutil.copytree(restored, local, dirs_exist_ok=True)
+        shutil.copytree(restored, local / "latest", dirs_exist_ok=True)
     try:
-        fit(config, report, restore_dir=local)
+        stored = Path(checkpoint.path)
+        candidates = [local / "latest"] + (older_checkpoints(stored) if stored.is_dir() else [])
+        chosen, warnings = pick_restore_point(candidates)
+        for w in warnings:
+            log.warning(w)
+        if chosen is None:
+            log.warning("no usable checkpoint for this trial: restarting it from scratch")
+        fit(config, report, restore_dir=chosen)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 

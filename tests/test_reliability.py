@@ -1,0 +1,305 @@
+"""Bad input gets one clear message each; faults lose no finished work; a real multi-node Ray cluster; safe loading."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+import orchestrate
+from trainable.checkpoint import checkpoint_problem, load_checkpoint, pick_restore_point
+from trainable.data import load_metadata, screen_headers
+from trainable.errors import AstCvError
+from trainable.experiment import trial_dirname, write_manifest
+from trainable.reduce import summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def base_args(data_root, model, storage, name="run", *extra):
+    return ["--data-root", str(data_root), "--model", str(model), "--folds", "1", "2", "3", "4", "--test-folds", "1",
+            "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "1", "--num-frames", "400", "--num-workers", "0",
+            "--gpus", "0", "--storage-path", str(storage), "--name", name, *extra]
+
+
+def _csv(root):
+    return root / "metadata" / "UrbanSound8K.csv"
+
+
+def _edit(root, fn):
+    meta = pd.read_csv(_csv(root))
+    fn(meta).to_csv(_csv(root), index=False)
+
+
+BAD_DATA = {
+    "data root missing": (lambda r: shutil.rmtree(r), "does not exist or is not a folder"),
+    "no metadata CSV": (lambda r: _csv(r).unlink(), "No metadata CSV"),
+    "CSV column missing": (lambda r: _edit(r, lambda m: m.drop(columns=["fold"])), "lacks the column(s) fold"),
+    "fold outside 1..10": (lambda r: _edit(r, lambda m: m.assign(fold=m["fold"].where(m.index != 0, 12))), "fold(s) [12]"),
+    "classID/class mismatch": (lambda r: _edit(r, lambda m: m.assign(classID=m["classID"].where(m.index != 0, 5))), "disagree"),
+    "path separator": (lambda r: _edit(r, lambda m: m.assign(slice_file_name=m["slice_file_name"].where(m.index != 0, "../../etc/passwd"))), "not plain"),
+    "files missing": (lambda r: [p.unlink() for p in sorted((r / "audio" / "fold2").iterdir())[:3]], "3 files listed in the CSV are missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_one_clear_message(case, synth_root, demo_assets, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    damage, message = BAD_DATA[case]
+    damage(data)
+    rc = orchestrate.main(base_args(data, demo_assets[1], tmp_path / "runs"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2
+
+
+BAD_FLAGS = {
+    "--lrs 0": (["--lrs", "0"], "lr must be > 0"),
+    "--lrs negative": (["--lrs", "-1e-5"], "lr must be > 0"),
+    "--batch-sizes 0": (["--batch-sizes", "0"], "batch_size must be >= 1"),
+    "--epochs 0": (["--epochs", "0"], "epochs must be >= 1"),
+    "unknown fold": (["--folds", "1", "2", "11"], "outside 1..10"),
+    "fewer than 3 folds": (["--folds", "1", "2"], "at least 3"),
+    "test fold not in use": (["--test-folds", "5"], "must be among --folds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_are_one_clear_message(case, synth_root, demo_assets, tmp_path, capsys):
+    extra, message = BAD_FLAGS[case]
+    rc = orchestrate.main(base_args(synth_root, demo_assets[1], tmp_path) + extra)  # later flags win in argparse
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_model_folder_that_is_not_ast(synth_root, tmp_path, capsys):
+    fake = tmp_path / "bert"
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert orchestrate.main(base_args(synth_root, fake, tmp_path)) == 2
+    assert "not an Audio Spectrogram Transformer" in capsys.readouterr().err
+
+
+def test_storage_path_not_writable(synth_root, demo_assets, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert orchestrate.main(base_args(synth_root, demo_assets[1], blocker / "runs")) == 2
+    err = capsys.readouterr().err
+    assert "Cannot write to" in err and "--storage-path" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, demo_assets):
+    with pytest.raises(AstCvError):
+        orchestrate.main(base_args(tmp_path / "nope", demo_assets[1], tmp_path) + ["--debug"])
+
+
+def _write_bad_clips(data: Path) -> dict[str, str]:
+    meta = load_metadata(data)
+    names = {int(f): n for f, n in zip(meta["fold"], meta["slice_file_name"])}
+    bad = {}
+    p = data / "audio" / "fold2" / names[2]
+    sf.write(str(p), np.zeros(0), 16000, subtype="PCM_16")
+    bad[f"fold2/{names[2]}"] = "no samples"
+    p = data / "audio" / "fold3" / names[3]
+    p.write_bytes(np.random.default_rng(0).bytes(3000))
+    bad[f"fold3/{names[3]}"] = "unreadable"
+    p = data / "audio" / "fold4" / names[4]
+    sf.write(str(p), np.array([0.1, np.nan, np.inf] * 1000, dtype=np.float32), 16000, subtype="FLOAT")
+    bad[f"fold4/{names[4]}"] = "NaN"
+    p = data / "audio" / "fold1" / names[1]
+    sf.write(str(p), np.zeros(16000), 16000, subtype="PCM_16")  # silence is a valid clip
+    return bad
+
+
+def test_unusable_clips_are_left_out_and_reported(synth_root, demo_assets, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    bad = _write_bad_clips(data)
+    headers = screen_headers(data, load_metadata(data))
+    assert set(headers) == set(list(bad)[:2])  # the header check finds empty and corrupt files, not NaN samples
+    rc = orchestrate.main(base_args(data, demo_assets[1], tmp_path / "runs"))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "3 clip(s) cannot be used" in captured.err
+    summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())
+    assert sorted(summary["skipped_clips"]) == sorted(bad)
+    assert "NaN" in summary["skipped_clips"][list(bad)[2]]
+    assert sum(map(sum, summary["confusion_matrix"])) == 20  # fold 1's 20 clips, the silent one included
+    assert "could not be read and were left out" in (tmp_path / "runs" / "run" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- faults
+
+
+def _rows(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _wait(predicate, proc, log, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert proc.poll() is None, Path(log).read_text()
+        time.sleep(0.1)
+    pytest.fail("timed out:\n" + Path(log).read_text())
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_path):
+    args = base_args(*demo_assets, tmp_path, "workerkill", "--epochs", "5", "--max-failures", "2")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=ENV, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    trial = tmp_path / "workerkill" / trial_dirname(1, 1e-3, 8)
+    try:
+        row = _wait(lambda: next((r for r in _rows(trial) if r.get("epoch") == 2), None), proc, log)
+        os.kill(row["pid"], signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    epochs = [r["epoch"] for r in _rows(trial)]
+    assert epochs[-1] == 5 and epochs.count(1) == 1, epochs  # resumed, not restarted
+    assert len({r["pid"] for r in _rows(trial)}) == 2  # a second worker process finished the trial
+    assert json.loads((tmp_path / "workerkill" / "summary.json").read_text())["complete"]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_path):
+    args = base_args(*demo_assets, tmp_path, "damaged", "--epochs", "8")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=ENV, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    trial = tmp_path / "damaged" / trial_dirname(1, 1e-3, 8)
+    try:
+        _wait(lambda: len(list(trial.glob("checkpoint_*/trainer_state.json"))) >= 2, proc, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    latest = sorted(trial.glob("checkpoint_*"))[-1]
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # as a kill in the middle of a write leaves it
+    resumed = subprocess.run([sys.executable, "orchestrate.py", *args, "--resume", "--debug"], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "is damaged" in resumed.stdout + resumed.stderr
+    assert json.loads((tmp_path / "damaged" / "summary.json").read_text())["complete"]
+    assert _rows(trial)[-1]["epoch"] == 8
+
+
+def _checkpoint_dirs(tmp_path, synth_root, tiny):
+    from trainable.config import TrainConfig
+    from trainable.train import fit
+
+    saved = []
+
+    def keep(metrics, ckpt):
+        dst = tmp_path / f"checkpoint_{metrics['epoch']:06d}"
+        shutil.copytree(ckpt, dst)
+        saved.append(dst)
+
+    fit(TrainConfig.from_dict(dict(data_root=str(synth_root), model=str(tiny), folds=(1, 2, 3, 4), test_fold=1,
+                                   epochs=2, num_frames=400, num_workers=0)), keep)
+    return saved
+
+
+def test_restore_point_skips_damaged_checkpoints(synth_root, tiny_ast_1024, tmp_path):
+    first, second = _checkpoint_dirs(tmp_path, synth_root, tiny_ast_1024)
+    assert checkpoint_problem(second) is None
+    (second / "training_state.pt").write_bytes(b"garbage")
+    chosen, warnings = pick_restore_point([second, first])
+    assert chosen == first and "damaged" in warnings[0]
+    (first / "trainer_state.json").write_text("{trunc")
+    assert pick_restore_point([second, first])[0] is None
+
+
+def test_checkpoints_never_unpickle_code(synth_root, tiny_ast_1024, tmp_path):
+    (ckpt,) = _checkpoint_dirs(tmp_path, synth_root, tiny_ast_1024)[-1:]
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(ckpt / "training_state.pt", "wb") as fh:
+        pickle.dump({"optimizer": Payload()}, fh)
+    assert "Unpickling" in checkpoint_problem(ckpt) or "weights_only" in checkpoint_problem(ckpt)
+    from trainable.model import load_model
+
+    model = load_model(str(ckpt), [str(i) for i in range(10)])
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(ckpt, model, opt, torch.amp.GradScaler("cpu", enabled=False))
+    assert not marker.exists()
+
+
+def test_reducer_on_a_partial_experiment_lists_what_is_missing(tmp_path):
+    exp = tmp_path / "partial"
+    grid = {"test_fold": [1, 2, 3], "lr": [1e-3], "batch_size": [8]}
+    write_manifest(exp, base_config={"epochs": 2, "seed": 0}, grid=grid, classes=["a", "b"], command=["x"])
+
+    def trial(fold, epochs_done):
+        d = exp / trial_dirname(fold, 1e-3, 8)
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps({"test_fold": fold, "lr": 1e-3, "batch_size": 8}))
+        rows = [{"epoch": e, "val_accuracy": 0.5 + 0.1 * e, "test_accuracy": 0.4 + 0.1 * e, "best_epoch": e,
+                 "test_confusion": json.dumps([[e, 1], [0, 2]])} for e in range(1, epochs_done + 1)]
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 3, "val_ac')
+
+    trial(1, 2)  # finished (a half-written last line is ignored)
+    trial(2, 1)  # interrupted; fold 3 never started
+    s = summarize(exp)
+    assert not s["complete"] and s["trials_finished"] == 1 and s["trials_expected"] == 3
+    assert [(u["test_fold"], u["epochs_done"]) for u in s["unfinished"]] == [(2, 1), (3, 0)]
+    assert [p["fold"] for p in s["per_fold"]] == [1] and s["per_fold"][0]["test_accuracy"] == pytest.approx(0.6)
+    assert s["std"] is None and s["best_model_dir"] is None
+    report = (exp / "report.md").read_text()
+    assert "Partial experiment: 1 of 3 trials finished" in report and "fold03_lr1e-03_bs8 (0 epochs)" in report
+
+
+# ---------------------------------------------------------------- a real multi-node cluster
+
+
+def test_multi_node_cluster_spreads_trials_and_falls_back_to_cpu(demo_assets, tmp_path, capsys):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, num_gpus=1)  # fake GPUs: Ray schedules on them, torch sees none
+        cluster.wait_for_nodes()
+        args = base_args(*demo_assets, tmp_path / "shared", "cluster", "--test-folds", "1", "2", "--epochs", "2")
+        i = args.index("--gpus")
+        del args[i : i + 2]
+        rc = orchestrate.main(args + ["--address", cluster.address, "--gpus-per-trial", "1", "--cpus-per-trial", "1"])
+        assert rc == 0, capsys.readouterr().err
+    finally:
+        cluster.shutdown()
+    exp = tmp_path / "shared" / "cluster"
+    rows = [r for d in exp.glob("fold*") for r in _rows(d)]
+    assert len({r["node_id"] for r in rows}) == 2  # the two trials ran on the two GPU nodes
+    assert all(r["cuda_visible_devices"] == "0" for r in rows)  # each trial got its own (fake) GPU
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["complete"] and [p["fold"] for p in summary["per_fold"]] == [1, 2]
