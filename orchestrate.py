@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates to try (overrides the space)")
     run.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to try (overrides the space)")
     add_config_arguments(p.add_argument_group("training settings (every trial)"),
-                         exclude=("lr", "batch_size", "test_fold", "val_fold", "folds", "device", "torch_threads", "feature_cache"),
+                         exclude=("lr", "batch_size", "test_fold", "val_fold", "folds", "device", "torch_threads", "feature_cache",
+                                  "skip_clips"),
                          only_if_given=True)
     cache = p.add_argument_group("feature cache")
     cache.add_argument("--cache-dir", default=None,

@@ -68,7 +68,7 @@ def test_bad_data_is_one_clear_message(case, synth_root, demo_assets, tmp_path, 
 
 BAD_FLAGS = {
     "--lrs 0": (["--lrs", "0"], "lr must be > 0"),
-    "--lrs negative": (["--lrs", "-1e-5"], "lr must be > 0"),
+    "--lrs negative": (["--lrs=-1e-5"], "lr must be > 0"),
     "--batch-sizes 0": (["--batch-sizes", "0"], "batch_size must be >= 1"),
     "--epochs 0": (["--epochs", "0"], "epochs must be >= 1"),
     "unknown fold": (["--folds", "1", "2", "11"], "outside 1..10"),
