@@ -42,33 +42,39 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding in parallel (Colab: 2)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per trial (card: 5-10; default 5)")
     p.add_argument("--trials", type=int, default=40, help="trials in the grid (card: 40)")
+    p.add_argument("--orig-frames", type=int, default=1024, help="frames of the original recipe (default: 1024)")
+    p.add_argument("--ours-frames", type=int, default=400, help="frames of ours, --num-frames auto on UrbanSound8K (default: 400)")
     p.add_argument("--target-peak", type=float, nargs=2, metavar=("FP32", "AMP"), default=None,
                    help="project to another card with these peak TFLOP/s, keeping the measured MFU")
     p.add_argument("--target-name", default="target card", help="name of that card, for the printout")
+    p.add_argument("--json", default=None, help="write the projection to this JSON file")
     args = p.parse_args(argv)
     step = json.loads(Path(args.step_json).read_text())
     inp = json.loads(Path(args.input_json).read_text())
     rows = {(r["frames"], r["amp"]): r for r in step["rows"]}
-    orig = rows.get((1024, "off"))
-    ours = next((r for (f, a), r in rows.items() if f == 400 and a != "off"), None)
+    orig = rows.get((args.orig_frames, "off"))
+    ours = next((r for (f, a), r in rows.items() if f == args.ours_frames and a != "off"), None)
     if orig is None or ours is None:
-        p.error("step JSON needs rows for 1024 frames fp32 ('off') and 400 frames with AMP")
+        p.error(f"step JSON needs rows for {args.orig_frames} frames fp32 ('off') and {args.ours_frames} frames with AMP")
     device = step["device"]
     orig_sps, ours_sps = orig["samples_per_s"], ours["samples_per_s"]
     if args.target_peak:
         if "mfu" not in orig or "mfu" not in ours:
             p.error("--target-peak needs MFU in the step JSON (run step.py with --peak-tflops on CPU)")
-        orig_sps = orig["mfu"] * args.target_peak[0] * 1e12 / ast_train_flops(1024)
-        ours_sps = ours["mfu"] * args.target_peak[1] * 1e12 / ast_train_flops(400)
+        orig_sps = orig["mfu"] * args.target_peak[0] * 1e12 / ast_train_flops(args.orig_frames)
+        ours_sps = ours["mfu"] * args.target_peak[1] * 1e12 / ast_train_flops(args.ours_frames)
         device = f"{args.target_name} (projected from {step['device']}'s MFU)"
     input_ms = args.input_ms if args.input_ms is not None else inp["ms_per_clip_on_the_fly"]
     t_orig = args.trials * trial_hours(orig_sps, input_ms, args.workers, args.epochs)
     t_ours = args.trials * trial_hours(ours_sps, 0.0, args.workers, args.epochs)
     print(f"device: {device}; {args.trials} trials x {args.epochs} epochs; {args.workers} input workers; "
           f"on-the-fly input {input_ms:.2f} ms/clip")
-    print(f"original (fp32, 1024 frames, on the fly): {orig_sps:.2f} samples/s -> {t_orig:.1f} h")
-    print(f"ours (AMP {ours['amp']}, 400 frames, cached):      {ours_sps:.2f} samples/s -> {t_ours:.1f} h")
+    print(f"original (fp32, {args.orig_frames} frames, on the fly): {orig_sps:.2f} samples/s -> {t_orig:.1f} h")
+    print(f"ours (AMP {ours['amp']}, {args.ours_frames} frames, cached):      {ours_sps:.2f} samples/s -> {t_ours:.1f} h")
     print(f"speed-up: {t_orig / t_ours:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "original_hours": t_orig, "ours_hours": t_ours,
+                                               "speedup": t_orig / t_ours, "epochs": args.epochs, "trials": args.trials}, indent=1))
     return 0
 
 

@@ -22,6 +22,10 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+# Smallest allowed value of each numeric setting (num_frames: one 16-frame AST patch).
+_LOWER_BOUNDS = {"batch_size": 1, "epochs": 1, "weight_decay": 0, "num_frames": 16, "torch_threads": 0, "num_workers": 0}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every setting of one training run (one fold x one hyperparameter configuration)."""
@@ -48,18 +52,9 @@ class TrainConfig:
         problems = []
         if self.lr <= 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1 (got {self.epochs})")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay})")
-        if self.num_frames < 16:
-            problems.append(f"num_frames must be >= 16, one AST patch (got {self.num_frames})")
-        if self.torch_threads < 0:
-            problems.append(f"torch_threads must be >= 0 (got {self.torch_threads})")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be >= 0 (got {self.num_workers})")
+        for name, low in _LOWER_BOUNDS.items():
+            if getattr(self, name) < low:
+                problems.append(f"{name} must be >= {low} (got {getattr(self, name)})")
         bad = [f for f in self.folds if f not in range(1, 11)]
         if bad:
             problems.append(f"folds must be within 1..10 (got {list(bad)})")

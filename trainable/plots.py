@@ -20,6 +20,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def _config_label(lr: float, batch: int) -> str:
     return f"lr {lr:g}, batch {batch}"
 
@@ -50,10 +56,7 @@ def fold_accuracy(summary: dict[str, Any], out: Path) -> Path:
     ax.set_title("Test accuracy per fold and config (dashed: mean, band: ± std)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(2, n), fontsize=8, frameon=False)
     fig.tight_layout()
-    path = out / "fold_accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "fold_accuracy.png")
 
 
 def learning_curves(trial_rows: dict[str, list[dict[str, Any]]], trial_info: dict[str, tuple[int, float, int]], out: Path) -> Path:
@@ -88,10 +91,7 @@ def learning_curves(trial_rows: dict[str, list[dict[str, Any]]], trial_info: dic
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
     fig.suptitle("Learning curves")
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "learning_curves.png")
 
 
 def confusion_matrix(summary: dict[str, Any], out: Path) -> Path:
@@ -112,10 +112,7 @@ def confusion_matrix(summary: dict[str, Any], out: Path) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title("Confusion matrix, summed over test folds")
     fig.tight_layout()
-    path = out / "confusion_matrix.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "confusion_matrix.png")
 
 
 def per_class_accuracy(summary: dict[str, Any], out: Path) -> Path:
@@ -139,10 +136,7 @@ def per_class_accuracy(summary: dict[str, Any], out: Path) -> Path:
         title += f" (dashed: overall nested mean, {100 * summary['mean']:.1f} %)"
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = out / "per_class_accuracy.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "per_class_accuracy.png")
 
 
 def make_all(summary: dict[str, Any], trial_rows, trial_info, exp_dir: Path) -> dict[str, str]:

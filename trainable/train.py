@@ -253,6 +253,25 @@ def build_datasets(config: TrainConfig) -> TrialData:
     return TrialData(make(splits.train), make(splits.val), make(splits.test), classes)
 
 
+def prepare_process(config: TrainConfig) -> None:
+    """Thread count and seeds, first thing in a run."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    seed_everything(trial_seed(config))
+
+
+def training_objects(config: TrainConfig, classes: Sequence[str]):
+    """(device, autocast dtype, model on the device, AdamW, GradScaler) for a run."""
+    from .model import load_model
+
+    device = resolve_device(config)
+    dtype = amp_dtype(config, device)
+    model = load_model(config.model, classes, config.num_frames).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return device, dtype, model, optimizer, scaler
+
+
 Reporter = Callable[[dict[str, Any], Path], None]
 
 
@@ -262,17 +281,9 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     ``checkpoint_dir`` is a temporary folder holding the full checkpoint of that epoch; the reporter must copy
     what it keeps before returning. With ``restore_dir``, training resumes exactly after that checkpoint's epoch.
     """
-    from .model import load_model
-
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    seed_everything(trial_seed(config))
+    prepare_process(config)
     data = build_datasets(config)
-    device = resolve_device(config)
-    dtype = amp_dtype(config, device)
-    model = load_model(config.model, data.classes, config.num_frames).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    device, dtype, model, optimizer, scaler = training_objects(config, data.classes)
     state = TrainerState(micro_batch_size=config.batch_size, config=config.to_dict())
     if restore_dir is not None:
         state = load_checkpoint(restore_dir, model, optimizer, scaler)
@@ -331,18 +342,12 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
 
     The refit step after cross-validation: the config and epoch count come from the CV results.
     """
-    from .model import export_model, load_model
+    from .model import export_model
 
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    seed_everything(trial_seed(config))
+    prepare_process(config)
     meta, classes, make = dataset_source(config)
     dataset = make(meta)
-    device = resolve_device(config)
-    dtype = amp_dtype(config, device)
-    model = load_model(config.model, classes, config.num_frames).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    device, dtype, model, optimizer, scaler = training_objects(config, classes)
     micro = MicroBatch(size=config.batch_size, batch_size=config.batch_size)
     generator = torch.Generator()
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
