@@ -235,6 +235,7 @@ def test_restore_point_skips_damaged_checkpoints(synth_root, tiny_ast_1024, tmp_
     assert pick_restore_point([second, first])[0] is None
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoints_never_unpickle_code(synth_root, tiny_ast_1024, tmp_path):
     (ckpt,) = _checkpoint_dirs(tmp_path, synth_root, tiny_ast_1024)[-1:]
     marker = tmp_path / "pwned"
