@@ -166,7 +166,7 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
         grid["lr"] = list(args.lrs)
     if args.batch_sizes:
         grid["batch_size"] = list(args.batch_sizes)
-    for key, values in grid.items():
+    for key in grid:
         if key not in GRID_KEYS:
             raise AstCvError(f"search space dimension {key!r} is not supported; grid over {GRID_KEYS}.")
     values = {**fixed, **overrides}
@@ -468,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted. Finished trials and epoch checkpoints are kept: re-run the same command to continue.",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
