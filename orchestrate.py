@@ -462,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{failed} trial(s) failed; see error.txt in their folders. Re-run the same command to retry them.",
                   file=sys.stderr)
             return 1
-        return 0
+        return 0 if summary["complete"] else 1  # stopped early (Ctrl-C): the partial report above
     except AstCvError as exc:
         if args.debug:
             raise
