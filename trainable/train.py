@@ -147,7 +147,7 @@ def train_step(model, x, y, optimizer, scaler, device, dtype, micro: MicroBatch)
     """
     optimizer.zero_grad(set_to_none=True)
     n = x.shape[0]
-    total = 0.0
+    total = torch.zeros((), device=device)
     for xs, ys in zip(x.split(micro.size), y.split(micro.size)):
         xs = xs.to(device, non_blocking=True)
         ys = ys.to(device, non_blocking=True)
@@ -155,10 +155,10 @@ def train_step(model, x, y, optimizer, scaler, device, dtype, micro: MicroBatch)
             logits = forward(model, xs)
         loss = torch.nn.functional.cross_entropy(logits.float(), ys, reduction="sum") / n
         scaler.scale(loss).backward()
-        total += loss.item()
+        total += loss.detach()
     scaler.step(optimizer)
     scaler.update()
-    return total
+    return total.item()  # one device sync per optimizer step
 
 
 def _with_oom_fallback(fn: Callable[[], Any], micro: MicroBatch, on_oom: Callable[[], None] = lambda: None) -> Any:
