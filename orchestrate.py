@@ -299,12 +299,13 @@ def make_progress_callback(total: int, epochs: int):
         def __init__(self):
             self.start = time.time()
             self.best = (-1.0, "")
+            self.completed: set[str] = set()  # trial ids whose completion was reported (status may lag)
 
         def setup(self, **info):
             self.start = time.time()
 
         def _counts(self, trials) -> str:
-            states = [t.status for t in trials]
+            states = ["TERMINATED" if t.trial_id in self.completed else t.status for t in trials]
             done = states.count("TERMINATED")
             return (f"{done}/{total} done, {states.count('RUNNING')} running, {states.count('PENDING')} pending"
                     + (f", {states.count('ERROR')} failed" if "ERROR" in states else ""))
@@ -324,6 +325,7 @@ def make_progress_callback(total: int, epochs: int):
                   f"{self._counts(trials)} | best val_acc {self.best[0]:.3f} ({self.best[1]})", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self.completed.add(trial.trial_id)
             print(f"{self._stamp()} {_trial_name(trial)} finished | {self._counts(trials)}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -374,8 +376,9 @@ def run_experiment(plan: Plan, args: argparse.Namespace) -> int:
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 ),
             )
-        print(f"Running {total} trials ({len(plan.grid['test_fold'])} folds x {len(plan.grid['lr'])} lr x "
-              f"{len(plan.grid['batch_size'])} batch sizes), {plan.resources['cpu']:g} CPU + {plan.resources['gpu']:g} GPU each, "
+        n_f, n_lr, n_bs = (len(plan.grid[k]) for k in GRID_KEYS)
+        print(f"Running {total} trials ({n_f} fold{'s' * (n_f != 1)} x {n_lr} learning rate{'s' * (n_lr != 1)} x "
+              f"{n_bs} batch size{'s' * (n_bs != 1)}), {plan.resources['cpu']:g} CPU + {plan.resources['gpu']:g} GPU each, "
               f"into {plan.exp_dir}", flush=True)
         results = tuner.fit()
         return results.num_errors
@@ -434,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("trainable").setLevel(logging.INFO)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not args.debug:  # Tune's new console output prints its own boxes (and a TensorBoard path into /tmp/ray)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from trainable.reduce import summarize
 
     try:

@@ -56,6 +56,7 @@ def test_one_fold_without_ray_learns_and_writes_a_loadable_best_model(demo_asset
     loaded = ASTForAudioClassification.from_pretrained(out / "best")
     assert loaded.config.num_labels == 10 and loaded.config.id2label[0] == "air_conditioner"
     assert "best epoch" in capsys.readouterr().out
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 class Interrupt(Exception):
@@ -147,3 +148,19 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     assert err.startswith("error: Data root") and "Traceback" not in err
     assert train.main(["--data-root", str(tmp_path), "--lr", "0", "--output", str(tmp_path / "o")]) == 2
     assert "lr must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16+GradScaler"])
+def test_mixed_precision_step_runs_and_learns(tiny_ast_1024, dtype):
+    """The AMP code path (autocast, and GradScaler for fp16) as it runs on a GPU, exercised on the CPU."""
+    torch.manual_seed(0)
+    model = load_model(str(tiny_ast_1024), [str(i) for i in range(10)], num_frames=400)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype is torch.float16)
+    x, y = torch.randn(8, 400, 128), torch.arange(8) % 10
+    micro = MicroBatch(size=4, batch_size=8)
+    losses = [train_step(model, x, y, opt, scaler, torch.device("cpu"), dtype, micro) for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32

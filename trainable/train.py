@@ -399,7 +399,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any]) -> None:
 
 
 class LocalRun:
-    """Reporter for runs without Ray: ``metrics.jsonl``, ``last/`` (resume point) and ``best/`` under ``out``."""
+    """Reporter for runs without Ray: ``metrics.jsonl``, ``last/`` (resume point), ``best/`` and ``tensorboard/`` under ``out``."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
@@ -423,6 +423,12 @@ class LocalRun:
         # Metrics last: a line in metrics.jsonl means its checkpoint is on disk.
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
+        from tensorboardX import SummaryWriter
+
+        with SummaryWriter(str(self.out / "tensorboard")) as tb:  # tensorboard --logdir OUT/tensorboard
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tb.add_scalar(key, value, metrics[EPOCH])
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """Make metrics.jsonl hold exactly the epochs of the checkpoint being resumed."""
