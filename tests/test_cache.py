@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from trainable.cache import CachedDataset, FeatureCache
@@ -60,9 +61,18 @@ def test_trials_starting_together_build_once(synth_root, tmp_path):
     assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 1
 
 
-def test_auto_frames_fit_the_longest_clip(synth_root):
+def test_auto_frames_fit_the_longest_clip(synth_root, tmp_path):
     meta = load_metadata(synth_root)
     assert auto_num_frames(synth_root, meta) == 400  # generated clips last up to 4 s, like UrbanSound8K's
+    # A 4 s IMA ADPCM file decodes to ~4.03 s (block padding): still 400 frames; 4.2 s of real audio needs 416.
+    data = tmp_path / "d"
+    shutil.copytree(synth_root, data)
+    fold, name = int(meta["fold"][0]), meta["slice_file_name"][0]
+    write_clip(data / "audio" / f"fold{fold}" / name, class_signal(0, 4.0, 11025, np.random.default_rng(0)), WAV_KINDS[7])
+    assert WAV_KINDS[7].subtype == "IMA_ADPCM" and sf.info(str(data / "audio" / f"fold{fold}" / name)).duration > 4.0
+    assert auto_num_frames(data, meta) == 400
+    write_clip(data / "audio" / f"fold{fold}" / name, class_signal(0, 4.2, 16000, np.random.default_rng(0)), WAV_KINDS[6])
+    assert auto_num_frames(data, meta) == 416
     short = meta[meta["end"] - meta["start"] < 1.0]
     assert auto_num_frames(synth_root, short) < 112
 

@@ -239,9 +239,16 @@ def longest_clip_seconds(root: str | Path, metadata: pd.DataFrame) -> float:
     return longest
 
 
+AUTO_FRAMES_SLACK = 8  # frames (80 ms) of the longest clip that may be cut: IMA ADPCM pads its last block
+
+
 def auto_num_frames(root: str | Path, metadata: pd.DataFrame, multiple: int = 16) -> int:
-    """The smallest frame count (a multiple of AST's 16-frame patch) holding the longest clip: 400 for 4 s clips."""
-    frames = frames_for_seconds(longest_clip_seconds(root, metadata))
+    """The smallest frame count (a multiple of AST's 16-frame patch) holding the longest clip: 400 for 4 s clips.
+
+    Up to ``AUTO_FRAMES_SLACK`` trailing frames may be cut, so block padding (a 4 s IMA ADPCM file decodes to
+    4.03 s) does not cost a whole extra patch column on every clip.
+    """
+    frames = frames_for_seconds(longest_clip_seconds(root, metadata)) - AUTO_FRAMES_SLACK
     return max(multiple, -(-frames // multiple) * multiple)
 
 
