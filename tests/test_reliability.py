@@ -168,19 +168,26 @@ def _wait(predicate, proc, log, timeout=240):
     pytest.fail("timed out:\n" + Path(log).read_text())
 
 
-def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_path):
-    args = base_args(*demo_assets, tmp_path, "workerkill", "--epochs", "5", "--max-failures", "2")
+def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda trial: None):
+    """Run orchestrate.py, SIGKILL the trial's worker process once it reported epoch 2, call ``then(trial_dir)``,
+    and wait for the run to finish (it must succeed). Returns (trial folder, log path)."""
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=ENV, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    trial = tmp_path / "workerkill" / trial_dirname(1, 1e-3, 8)
+    proc = subprocess.Popen([sys.executable, "orchestrate.py", *base_args(*demo_assets, tmp_path, name, *extra)], cwd=ROOT,
+                            env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    trial = tmp_path / name / trial_dirname(1, 1e-3, 8)
     try:
         row = _wait(lambda: next((r for r in _rows(trial) if r.get("epoch") == 2), None), proc, log)
         os.kill(row["pid"], signal.SIGKILL)
+        then(trial)
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return trial, log
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_path):
+    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "workerkill", "--epochs", "5", "--max-failures", "2")
     epochs = [r["epoch"] for r in _rows(trial)]
     assert epochs[-1] == 5 and epochs.count(1) == 1, epochs  # resumed, not restarted
     assert len({r["pid"] for r in _rows(trial)}) == 2  # a second worker process finished the trial
@@ -190,21 +197,12 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_pat
 def test_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_path):
     # The worker dies right after registering its epoch-2 checkpoint, and that checkpoint is damaged (as a kill in
     # the middle of a write leaves it): Ray's retry must fall back to the epoch-1 checkpoint, not crash.
-    args = base_args(*demo_assets, tmp_path, "damaged", "--epochs", "4", "--debug")
-    log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=ENV, stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    trial = tmp_path / "damaged" / trial_dirname(1, 1e-3, 8)
-    try:
-        row = _wait(lambda: next((r for r in _rows(trial) if r.get("epoch") == 2), None), proc, log)
-        os.kill(row["pid"], signal.SIGKILL)
+    def damage(trial):
         latest = next(c for c in trial.glob("checkpoint_*") if json.loads((c / "trainer_state.json").read_text())["epoch"] == 2)
         weights = latest / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
-        assert proc.wait(timeout=300) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "4", "--debug", then=damage)
     output = log.read_text()
     assert "is damaged" in output, output[-3000:]
     epochs = [r["epoch"] for r in _rows(trial)]
