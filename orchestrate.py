@@ -118,6 +118,7 @@ class Plan:
     num_gpus: float | None
     classes: list[str]
     restore: bool
+    metadata: Any  # validated rows of the folds in use (pandas.DataFrame), read once here
 
 
 def _is_uri(path: str) -> bool:
@@ -243,7 +244,8 @@ def resolve_plan(args: argparse.Namespace, torch_gpus: int) -> Plan:
         base.pop(key, None)
     base.pop("val_fold", None)
     return Plan(base=base, grid=grid, exp_dir=exp_dir, storage_path=storage, name=name,
-                resources={"cpu": cpus, "gpu": gpus_per_trial}, num_gpus=num_gpus, classes=classes, restore=restore)
+                resources={"cpu": cpus, "gpu": gpus_per_trial}, num_gpus=num_gpus, classes=classes, restore=restore,
+                metadata=meta)
 
 
 def ensure_writable(exp_dir: Path) -> None:
@@ -265,17 +267,17 @@ def prepare_inputs(plan: Plan) -> dict[str, str]:
     Clips that cannot be used (empty, corrupt, NaN/inf samples) are left out of every trial, listed here and in
     the report. Returns {clip: reason}.
     """
-    from trainable.data import load_metadata, screen_headers
+    from trainable.data import screen_headers
 
     if plan.base["feature_cache"]:
         from trainable.cache import FeatureCache
 
         cache = FeatureCache.open(plan.base["feature_cache"], plan.base["data_root"], plan.base["num_frames"],
-                                  plan.base["folds"])
+                                  plan.base["folds"], meta=plan.metadata)
         print(f"Feature cache: {cache.path} ({len(cache.index)} clips, {plan.base['num_frames']} frames)", flush=True)
         bad = dict(cache.excluded)
     else:
-        bad = screen_headers(plan.base["data_root"], load_metadata(plan.base["data_root"], plan.base["folds"]))
+        bad = screen_headers(plan.base["data_root"], plan.metadata)
     if not plan.restore:
         plan.base["skip_clips"] = sorted(bad)
     if bad:

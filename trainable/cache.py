@@ -73,9 +73,13 @@ class FeatureCache:
 
     @classmethod
     def open(cls, cache_root: str | Path, data_root: str | Path, num_frames: int, folds: Sequence[int] | None = None,
-             workers: int | None = None) -> "FeatureCache":
-        """Open the cache for this dataset and settings under ``cache_root``, building it first if needed."""
-        meta = load_metadata(data_root, folds)
+             workers: int | None = None, meta: pd.DataFrame | None = None) -> "FeatureCache":
+        """Open the cache for this dataset and settings under ``cache_root``, building it first if needed.
+
+        ``meta``: the validated metadata of ``folds`` when the caller has it already (saves reading it again).
+        """
+        if meta is None:
+            meta = load_metadata(data_root, folds)
         key = cache_key(data_root, meta, num_frames)
         path = Path(cache_root).expanduser() / f"{key}-f{num_frames}"
         if not (path / INDEX).is_file():

@@ -106,7 +106,7 @@ def find_checkpoint(trial: Trial, epoch: int) -> Path | None:
     return None
 
 
-def summarize(exp_dir: str | Path, export: bool = True, plots: bool = True) -> dict[str, Any]:
+def summarize(exp_dir: str | Path, export: bool = True) -> dict[str, Any]:
     """Reduce the experiment in ``exp_dir``; write summary.json, per_trial.csv, report.md and best_model/."""
     exp_dir = Path(exp_dir).expanduser().resolve()
     manifest = read_manifest(exp_dir)
@@ -220,12 +220,10 @@ def summarize(exp_dir: str | Path, export: bool = True, plots: bool = True) -> d
         "versions": manifest.get("versions"),
         "git_commit": manifest.get("git_commit"),
     }
-    summary["plots"] = {}
-    if plots:
-        from .plots import make_all
+    from .plots import make_all
 
-        summary["plots"] = make_all(summary, {t.name: t.rows for t in trials},
-                                    {t.name: (t.test_fold, t.lr, t.batch_size) for t in trials}, exp_dir)
+    summary["plots"] = make_all(summary, {t.name: t.rows for t in trials},
+                                {t.name: (t.test_fold, t.lr, t.batch_size) for t in trials}, exp_dir)
     (exp_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     _write_per_trial(exp_dir / PER_TRIAL_CSV, trials)
     (exp_dir / REPORT).write_text(render_report(summary))

@@ -234,13 +234,13 @@ def dataset_source(config: TrainConfig):
 
     Clips in ``config.skip_clips``, and clips the feature cache could not decode, are left out.
     """
-    meta = load_metadata(config.data_root, config.folds)
-    classes = class_names(meta)
-    meta = drop_clips(meta, config.skip_clips)
+    full = load_metadata(config.data_root, config.folds)
+    classes = class_names(full)
+    meta = drop_clips(full, config.skip_clips)
     if config.feature_cache:
         from .cache import CachedDataset, FeatureCache
 
-        cache = FeatureCache.open(config.feature_cache, config.data_root, config.num_frames, config.folds)
+        cache = FeatureCache.open(config.feature_cache, config.data_root, config.num_frames, config.folds, meta=full)
         meta = drop_clips(meta, cache.excluded)
         return meta, classes, lambda rows: CachedDataset(cache, rows, classes)
     return meta, classes, lambda rows: ClipDataset(config.data_root, rows, classes, config.num_frames)
@@ -272,6 +272,12 @@ def training_objects(config: TrainConfig, classes: Sequence[str]):
     return device, dtype, model, optimizer, scaler
 
 
+def make_loader(config: TrainConfig, dataset: Dataset, device: torch.device, **kw) -> DataLoader:
+    """Batches of the configured (effective) size; pinned memory when training on a GPU."""
+    return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
+                      pin_memory=device.type == "cuda", **kw)
+
+
 Reporter = Callable[[dict[str, Any], Path], None]
 
 
@@ -294,13 +300,9 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         config.test_fold, config.val_fold or "auto", len(data.train), len(data.val), len(data.test), device,
         f" with {dtype} autocast" if dtype else "",
     )
-    pin = device.type == "cuda"
     generator = torch.Generator()
-    loader = lambda ds, **kw: DataLoader(  # noqa: E731
-        ds, batch_size=config.batch_size, num_workers=config.num_workers, pin_memory=pin, **kw
-    )
-    train_loader = loader(data.train, shuffle=True, generator=generator, drop_last=False)
-    val_loader, test_loader = loader(data.val), loader(data.test)
+    train_loader = make_loader(config, data.train, device, shuffle=True, generator=generator)
+    val_loader, test_loader = make_loader(config, data.val, device), make_loader(config, data.test, device)
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         generator.manual_seed(trial_seed(config) * 100 + epoch)  # same shuffle whether resumed or not
@@ -350,8 +352,7 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
     device, dtype, model, optimizer, scaler = training_objects(config, classes)
     micro = MicroBatch(size=config.batch_size, batch_size=config.batch_size)
     generator = torch.Generator()
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator,
-                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(config, dataset, device, shuffle=True, generator=generator)
     for epoch in range(1, epochs + 1):
         generator.manual_seed(trial_seed(config) * 100 + epoch)
         loss, seen, seconds = train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro)
