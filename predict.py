@@ -4,7 +4,8 @@
     python predict.py --model runs/ast-cv/best_model clip.wav more.wav some_folder/ --top-k 3 [--json]
 
 Any WAV kind the data layer reads is accepted; clips longer than the model's window are cut into half-overlapping
-windows whose class probabilities are averaged.
+windows whose class probabilities are averaged (``--batch-size`` windows per forward pass, so memory stays bounded
+however long the file). A file that cannot be read is reported and the others go on (exit status 1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from trainable.data import load_audio
+from trainable.audio import AudioError, load_audio
+from trainable.cli import run_cli
 from trainable.errors import AstCvError
 from trainable.features import AUDIOSET_MEAN, AUDIOSET_STD, FRAME_SHIFT_MS, SAMPLE_RATE, WINDOW_SAMPLES, fbank
 
@@ -51,10 +53,15 @@ def windows(wave: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_file(model, path: Path, num_frames: int, mean: float, std: float) -> torch.Tensor:
-    """Class probabilities of one file, averaged over its windows."""
-    feats = torch.stack([fbank(w, num_frames, mean, std) for w in windows(load_audio(path), num_frames)])
-    return model(input_values=feats).logits.softmax(-1).mean(0)
+def predict_file(model, path: Path, num_frames: int, mean: float, std: float, batch_size: int = 8) -> torch.Tensor:
+    """Class probabilities of one file, averaged over its windows, ``batch_size`` windows per forward pass."""
+    wins = windows(load_audio(path), num_frames)
+    total = None
+    for start in range(0, len(wins), batch_size):
+        feats = torch.stack([fbank(w, num_frames, mean, std) for w in wins[start : start + batch_size]])
+        probs = model(input_values=feats).logits.softmax(-1).sum(0)
+        total = probs if total is None else total + probs
+    return total / len(wins)
 
 
 def expand(paths: Sequence[str]) -> list[Path]:
@@ -76,31 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported model folder (runs/NAME/best_model or final_model)")
     p.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=3, help="labels to show per file (default: 3)")
-    p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="windows of a long file per forward pass: bounds memory, same result (default: 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of text (failed files carry 'error')")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model, num_frames, mean, std = load_classifier(args.model)
-        results = []
-        for path in expand(args.inputs):
-            probs = predict_file(model, path, num_frames, mean, std)
-            top = probs.topk(min(args.top_k, probs.numel()))
-            labels = [{"label": model.config.id2label[int(i)], "score": float(s)} for s, i in zip(top.values, top.indices)]
-            results.append({"file": str(path), "predictions": labels})
-            if not args.json:
-                print(f"{path}: " + ", ".join(f"{l['label']} {l['score']:.3f}" for l in labels), flush=True)
-    except AstCvError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def classify(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.top_k < 1:
+        raise AstCvError("--batch-size and --top-k must be at least 1.")
+    model, num_frames, mean, std = load_classifier(args.model)
+    results, failed = [], 0
+    for path in expand(args.inputs):
+        try:
+            probs = predict_file(model, path, num_frames, mean, std, args.batch_size)
+        except AudioError as exc:
+            failed += 1
+            results.append({"file": str(path), "error": str(exc)})
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            continue
+        top = probs.topk(min(args.top_k, probs.numel()))
+        labels = [{"label": model.config.id2label[int(i)], "score": float(s)} for s, i in zip(top.values, top.indices)]
+        results.append({"file": str(path), "predictions": labels})
+        if not args.json:
+            print(f"{path}: " + ", ".join(f"{l['label']} {l['score']:.3f}" for l in labels), flush=True)
     if args.json:
         print(json.dumps(results, indent=1))
-    return 0
+    if failed:
+        print(f"{failed} of {len(results)} file(s) could not be read (see above).", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: classify(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainable.audio import ClipDataset  # noqa: E402
 from trainable.cache import CachedDataset, FeatureCache  # noqa: E402
-from trainable.data import ClipDataset, class_names, load_metadata  # noqa: E402
+from trainable.config import TrainConfig  # noqa: E402
+from trainable.data import class_names, load_metadata  # noqa: E402
 from trainable.synth import generate  # noqa: E402
 
 
@@ -47,7 +49,10 @@ def main(argv=None) -> int:
         classes = class_names(meta)
         n = min(args.limit or len(meta), len(meta))
         t0 = time.perf_counter()
-        cache = FeatureCache.open(Path(tmp) / "cache", root, args.num_frames)
+        folds = tuple(sorted(set(int(f) for f in meta["fold"])))
+        config = TrainConfig(data_root=str(root), folds=folds, test_fold=folds[0], num_frames=args.num_frames,
+                             feature_cache=str(Path(tmp) / "cache"))
+        cache = FeatureCache.open(config, meta)
         build_s = time.perf_counter() - t0
         on_the_fly = rate(ClipDataset(root, meta, classes, args.num_frames), n)
         cached = rate(CachedDataset(cache, meta, classes), n)

@@ -36,3 +36,13 @@ def tiny_ast_1024(tmp_path_factory):
     from trainable.model import build_tiny_ast
 
     return build_tiny_ast(tmp_path_factory.mktemp("tiny-ast-1024"), num_labels=527, max_length=1024)
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_ast_1024, tmp_path_factory):
+    """A tiny AST with a 10-class head, exported as orchestrate.py exports best_model/ (for predict.py)."""
+    from trainable.data import US8K_CLASSES
+    from trainable.model import export_model, load_model
+
+    out = tmp_path_factory.mktemp("exported")
+    return export_model(load_model(str(tiny_ast_1024), list(US8K_CLASSES), num_frames=400), out, 400)

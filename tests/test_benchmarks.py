@@ -28,6 +28,7 @@ def run(script, *args):
     return out.stdout
 
 
+@pytest.mark.slow
 def test_step_input_and_grid_benchmarks_run(tmp_path):
     step, inp, grid = tmp_path / "step.json", tmp_path / "input.json", tmp_path / "grid.json"
     run("step.py", "--frames", "64", "48", "--amp", "off", "bf16", "--batch-size", "1", "--steps", "1",

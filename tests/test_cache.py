@@ -12,17 +12,27 @@ import torch
 
 from trainable.cache import CachedDataset, FeatureCache
 from trainable.config import TrainConfig
-from trainable.data import ClipDataset, auto_num_frames, class_names, load_metadata
+from trainable.audio import ClipDataset, auto_num_frames
+from trainable.data import class_names, load_metadata
 from trainable.synth import WAV_KINDS, class_signal, write_clip
-from trainable.train import EPOCH, fit
+from trainable.experiment import EPOCH
+from trainable.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cache(root, cache_dir, frames, workers=None):
+    """FeatureCache.open for all folds of ``root`` at ``frames`` frames."""
+    meta = load_metadata(root)
+    folds = tuple(sorted(set(int(f) for f in meta["fold"])))
+    config = TrainConfig(data_root=str(root), folds=folds, test_fold=folds[0], num_frames=frames, feature_cache=str(cache_dir))
+    return FeatureCache.open(config, meta, workers)
 
 
 def test_cache_gives_the_on_the_fly_tensors(synth_root, tmp_path):
     meta = load_metadata(synth_root)
     classes = class_names(meta)
-    cache = FeatureCache.open(tmp_path, synth_root, 400)
+    cache = _cache(synth_root, tmp_path, 400)
     rows = meta.sample(frac=1, random_state=0)  # any order of rows maps to the right cache entries
     cached, direct = CachedDataset(cache, rows, classes), ClipDataset(synth_root, rows, classes, 400)
     for i in range(len(rows)):
@@ -34,16 +44,16 @@ def test_cache_gives_the_on_the_fly_tensors(synth_root, tmp_path):
 def test_same_settings_reuse_and_changes_rebuild(synth_root, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)
-    first = FeatureCache.open(tmp_path / "c", data, 400)
+    first = _cache(data, tmp_path / "c", 400)
     stamp = (first.path / "features.npy").stat().st_mtime_ns
-    again = FeatureCache.open(tmp_path / "c", data, 400)
+    again = _cache(data, tmp_path / "c", 400)
     assert again.path == first.path and (again.path / "features.npy").stat().st_mtime_ns == stamp
-    other_frames = FeatureCache.open(tmp_path / "c", data, 512)
+    other_frames = _cache(data, tmp_path / "c", 512)
     assert other_frames.path != first.path and other_frames.array().shape[1] == 512
     meta = load_metadata(data)
     fold, name = int(meta["fold"][5]), meta["slice_file_name"][5]
     write_clip(data / "audio" / f"fold{fold}" / name, class_signal(3, 1.0, 16000, np.random.default_rng(9)), WAV_KINDS[6])
-    changed = FeatureCache.open(tmp_path / "c", data, 400)
+    changed = _cache(data, tmp_path / "c", 400)
     assert changed.path != first.path
     i = changed.index[(fold, name)]
     assert not np.array_equal(changed.array()[i], first.array()[first.index[(fold, name)]])
@@ -51,9 +61,9 @@ def test_same_settings_reuse_and_changes_rebuild(synth_root, tmp_path):
 
 def test_trials_starting_together_build_once(synth_root, tmp_path):
     script = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
-              "from trainable.cache import FeatureCache;"
-              f"FeatureCache.open({str(tmp_path / 'c')!r}, {str(synth_root)!r}, 256, workers=1)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+              "from test_cache import _cache;"
+              f"_cache({str(synth_root)!r}, {str(tmp_path / 'c')!r}, 256, workers=1)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env) for _ in range(3)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)

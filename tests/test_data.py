@@ -7,15 +7,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from trainable.data import (
-    ALL_FOLDS,
-    ClipDataset,
-    class_names,
-    default_val_fold,
-    load_audio,
-    load_metadata,
-    split_folds,
-)
+from trainable.audio import ClipDataset, load_audio
+from trainable.data import ALL_FOLDS, class_names, default_val_fold, load_metadata, split_folds
 from trainable.errors import AstCvError
 from trainable.synth import WAV_KINDS, WavKind, class_signal, generate, write_clip
 

@@ -1,7 +1,6 @@
 """End-to-end runs of the real Ray Tune on CPU: tiny AST, generated data."""
 
 import json
-import math
 import os
 import signal
 import subprocess

@@ -18,7 +18,8 @@ import torch
 
 import orchestrate
 from trainable.checkpoint import checkpoint_problem, load_checkpoint, pick_restore_point
-from trainable.data import load_metadata, screen_headers
+from trainable.audio import read_headers
+from trainable.data import load_metadata
 from trainable.errors import AstCvError
 from trainable.experiment import trial_dirname, write_manifest
 from trainable.reduce import summarize
@@ -54,12 +55,12 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_data_is_one_clear_message(case, synth_root, demo_assets, tmp_path, capsys):
+def test_bad_data_is_one_clear_message(case, synth_root, tiny_ast_1024, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)
     damage, message = BAD_DATA[case]
     damage(data)
-    rc = orchestrate.main(base_args(data, demo_assets[1], tmp_path / "runs"))
+    rc = orchestrate.main(base_args(data, tiny_ast_1024, tmp_path / "runs"))
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and "Traceback" not in err
@@ -78,9 +79,9 @@ BAD_FLAGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
-def test_bad_flags_are_one_clear_message(case, synth_root, demo_assets, tmp_path, capsys):
+def test_bad_flags_are_one_clear_message(case, synth_root, tiny_ast_1024, tmp_path, capsys):
     extra, message = BAD_FLAGS[case]
-    rc = orchestrate.main(base_args(synth_root, demo_assets[1], tmp_path) + extra)  # later flags win in argparse
+    rc = orchestrate.main(base_args(synth_root, tiny_ast_1024, tmp_path) + extra)  # later flags win in argparse
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
 
@@ -93,17 +94,17 @@ def test_model_folder_that_is_not_ast(synth_root, tmp_path, capsys):
     assert "not an Audio Spectrogram Transformer" in capsys.readouterr().err
 
 
-def test_storage_path_not_writable(synth_root, demo_assets, tmp_path, capsys):
+def test_storage_path_not_writable(synth_root, tiny_ast_1024, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert orchestrate.main(base_args(synth_root, demo_assets[1], blocker / "runs")) == 2
+    assert orchestrate.main(base_args(synth_root, tiny_ast_1024, blocker / "runs")) == 2
     err = capsys.readouterr().err
     assert "Cannot write to" in err and "--storage-path" in err
 
 
-def test_debug_shows_the_traceback(tmp_path, demo_assets):
+def test_debug_shows_the_traceback(tmp_path, tiny_ast_1024):
     with pytest.raises(AstCvError):
-        orchestrate.main(base_args(tmp_path / "nope", demo_assets[1], tmp_path) + ["--debug"])
+        orchestrate.main(base_args(tmp_path / "nope", tiny_ast_1024, tmp_path) + ["--debug"])
 
 
 def _write_bad_clips(data: Path) -> dict[str, str]:
@@ -124,11 +125,12 @@ def _write_bad_clips(data: Path) -> dict[str, str]:
     return bad
 
 
+@pytest.mark.slow
 def test_unusable_clips_are_left_out_and_reported(synth_root, demo_assets, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)
     bad = _write_bad_clips(data)
-    headers = screen_headers(data, load_metadata(data))
+    headers = read_headers(data, load_metadata(data)).bad
     assert set(headers) == set(list(bad)[:2])  # the header check finds empty and corrupt files, not NaN samples
     rc = orchestrate.main(base_args(data, demo_assets[1], tmp_path / "runs"))
     captured = capsys.readouterr()
@@ -169,7 +171,7 @@ def _wait(predicate, proc, log, timeout=240):
 
 
 def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda trial: None):
-    """Run orchestrate.py, SIGKILL the trial's worker process once it reported epoch 2, call ``then(trial_dir)``,
+    """Run orchestrate.py; once the trial reported epoch 2, call ``then(trial_dir)`` and SIGKILL its worker process,
     and wait for the run to finish (it must succeed). Returns (trial folder, log path)."""
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "orchestrate.py", *base_args(*demo_assets, tmp_path, name, *extra)], cwd=ROOT,
@@ -177,8 +179,8 @@ def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda 
     trial = tmp_path / name / trial_dirname(1, 1e-3, 8)
     try:
         row = _wait(lambda: next((r for r in _rows(trial) if r.get("epoch") == 2), None), proc, log)
+        then(trial)  # before the kill: Ray's retry could otherwise copy the checkpoint before ``then`` touches it
         os.kill(row["pid"], signal.SIGKILL)
-        then(trial)
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
         if proc.poll() is None:
@@ -186,6 +188,7 @@ def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda 
     return trial, log
 
 
+@pytest.mark.slow
 def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_path):
     trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "workerkill", "--epochs", "5", "--max-failures", "2")
     epochs = [r["epoch"] for r in _rows(trial)]
@@ -194,6 +197,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_pat
     assert json.loads((tmp_path / "workerkill" / "summary.json").read_text())["complete"]
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_path):
     # The worker dies right after registering its epoch-2 checkpoint, and that checkpoint is damaged (as a kill in
     # the middle of a write leaves it): Ray's retry must fall back to the epoch-1 checkpoint, not crash.
@@ -284,6 +288,7 @@ def test_reducer_on_a_partial_experiment_lists_what_is_missing(tmp_path):
 # ---------------------------------------------------------------- a real multi-node cluster
 
 
+@pytest.mark.slow
 def test_multi_node_cluster_spreads_trials_and_falls_back_to_cpu(demo_assets, tmp_path, capsys):
     from ray.cluster_utils import Cluster
 

@@ -16,18 +16,9 @@ import yaml
 import orchestrate
 import predict
 from trainable.data import US8K_CLASSES, US8K_FOLD_SIZES, build_parser as data_parser, main as data_main, verify_dataset
-from trainable.model import export_model, load_model
 from trainable.synth import WAV_KINDS, class_signal, write_clip
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def exported(demo_assets, tmp_path_factory):
-    """The demo's tiny AST with a 10-class head, exported as orchestrate.py exports best_model/."""
-    _, model_dir = demo_assets
-    out = tmp_path_factory.mktemp("exported")
-    return export_model(load_model(str(model_dir), list(US8K_CLASSES), num_frames=400), out, 400)
 
 
 def test_predict_agrees_with_the_transformers_pipeline(exported, tmp_path, capsys):
@@ -41,7 +32,7 @@ def test_predict_agrees_with_the_transformers_pipeline(exported, tmp_path, capsy
         files.append(path)
     assert predict.main(["--model", str(exported), "--top-k", "3", "--json", *map(str, files)]) == 0
     ours = json.loads(capsys.readouterr().out)
-    from trainable.data import load_audio
+    from trainable.audio import load_audio
 
     for path, result in zip(files, ours):
         theirs = clf(load_audio(path).numpy(), top_k=3)

@@ -5,17 +5,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import ASTForAudioClassification
 
-from trainable import train
+from trainable import local
 from trainable.config import TrainConfig
 from trainable.model import build_tiny_ast, load_model
-from trainable.train import (
-    EPOCH,
-    MicroBatch,
-    OutOfMemoryAtOne,
-    LocalRun,
-    fit,
-    train_step,
-)
+from trainable.experiment import EPOCH
+from trainable.local import LocalRun
+from trainable.oom import SIMULATE_OOM_ENV, MicroBatch, OutOfMemoryAtOne
+from trainable.train import fit, train_step
 
 REPORTED = {
     "epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
@@ -36,10 +32,11 @@ def small_config(data_root, model, **kw):
     return TrainConfig.from_dict(values)
 
 
+@pytest.mark.slow
 def test_one_fold_without_ray_learns_and_writes_a_loadable_best_model(demo_assets, tmp_path, capsys):
     data_root, model = demo_assets
     out = tmp_path / "out"
-    rc = train.main([
+    rc = local.main([
         "--data-root", str(data_root), "--model", str(model), "--folds", "1", "2", "3", "4", "--test-fold", "1",
         "--lr", "1e-3", "--batch-size", "8", "--epochs", "3", "--num-frames", "400", "--num-workers", "0",
         "--output", str(out),
@@ -93,16 +90,16 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(synth_root, tin
 def test_cli_resumes_from_its_output_folder(synth_root, tiny_dropout, tmp_path):
     args = ["--data-root", str(synth_root), "--model", str(tiny_dropout), "--folds", "1", "2", "3", "4",
             "--test-fold", "3", "--epochs", "2", "--num-frames", "400", "--num-workers", "0", "--output", str(tmp_path)]
-    assert train.main(args) == 0
+    assert local.main(args) == 0
     state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
     assert state["epoch"] == 2
-    assert train.main(args) == 0  # finished: nothing left to train, history kept
+    assert local.main(args) == 0  # finished: nothing left to train, history kept
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
-    assert train.main(args[:-4] + ["--epochs", "3", "--output", str(tmp_path)]) == 2  # config changed
+    assert local.main(args[:-4] + ["--epochs", "3", "--output", str(tmp_path)]) == 2  # config changed
 
 
 def test_oom_fallback_keeps_the_effective_batch(synth_root, tiny_dropout, tmp_path, monkeypatch):
-    monkeypatch.setenv(train.SIMULATE_OOM_ENV, "4")
+    monkeypatch.setenv(SIMULATE_OOM_ENV, "4")
     run = LocalRun(tmp_path)
     state = fit(small_config(synth_root, tiny_dropout, epochs=2, batch_size=8), run)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +110,7 @@ def test_oom_fallback_keeps_the_effective_batch(synth_root, tiny_dropout, tmp_pa
 
 
 def test_oom_at_micro_batch_one_fails_with_a_clear_message(synth_root, tiny_dropout, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(train.SIMULATE_OOM_ENV, "0")
+    monkeypatch.setenv(SIMULATE_OOM_ENV, "0")
     with pytest.raises(OutOfMemoryAtOne, match="even with micro-batch 1"):
         fit(small_config(synth_root, tiny_dropout, epochs=1), LocalRun(tmp_path))
 
@@ -142,11 +139,11 @@ def test_accumulated_update_equals_the_full_batch_update(tiny_ast_1024):
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
-    rc = train.main(["--data-root", str(tmp_path / "nope"), "--folds", "1", "2", "3", "--output", str(tmp_path / "o")])
+    rc = local.main(["--data-root", str(tmp_path / "nope"), "--folds", "1", "2", "3", "--output", str(tmp_path / "o")])
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Data root") and "Traceback" not in err
-    assert train.main(["--data-root", str(tmp_path), "--lr", "0", "--output", str(tmp_path / "o")]) == 2
+    assert local.main(["--data-root", str(tmp_path), "--lr", "0", "--output", str(tmp_path / "o")]) == 2
     assert "lr must be > 0" in capsys.readouterr().err
 
 

@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
-from .data import audio_path, clip_features, clip_id, label_indices, load_metadata
-from .errors import AstCvError
+from .audio import AudioError, clip_features
+from .config import TrainConfig
+from .data import audio_path, clip_id, label_indices, load_metadata
 from .features import AUDIOSET_MEAN, AUDIOSET_STD, NUM_MEL_BINS, recipe_fingerprint
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def _compute(args: tuple[str, int]) -> np.ndarray | str:
     torch.set_num_threads(1)
     try:
         return clip_features(path, num_frames).numpy().astype(STORE_DTYPE)
-    except AstCvError as exc:
-        return str(exc).split(". Replace")[0]
+    except AudioError as exc:
+        return str(exc).rstrip(".")
 
 
 @dataclass
@@ -72,21 +73,17 @@ class FeatureCache:
     excluded: dict[str, str]  # clip id -> why it could not be featurized
 
     @classmethod
-    def open(cls, cache_root: str | Path, data_root: str | Path, num_frames: int, folds: Sequence[int] | None = None,
-             workers: int | None = None, meta: pd.DataFrame | None = None) -> "FeatureCache":
-        """Open the cache for this dataset and settings under ``cache_root``, building it first if needed.
-
-        ``meta``: the validated metadata of ``folds`` when the caller has it already (saves reading it again).
-        """
-        if meta is None:
-            meta = load_metadata(data_root, folds)
-        key = cache_key(data_root, meta, num_frames)
-        path = Path(cache_root).expanduser() / f"{key}-f{num_frames}"
+    def open(cls, config: TrainConfig, meta: pd.DataFrame, workers: int | None = None) -> "FeatureCache":
+        """Open the cache for ``config``'s dataset and frame count under ``config.feature_cache``, building it first
+        if needed. ``meta``: the validated metadata rows of the folds in use (``data.load_metadata``)."""
+        cache_root = Path(config.feature_cache).expanduser()
+        key = cache_key(config.data_root, meta, config.num_frames)
+        path = cache_root / f"{key}-f{config.num_frames}"
         if not (path / INDEX).is_file():
-            Path(cache_root).expanduser().mkdir(parents=True, exist_ok=True)
+            cache_root.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
                 if not (path / INDEX).is_file():  # another process may have built it while we waited
-                    build(path, data_root, meta, num_frames, workers)
+                    build(path, config.data_root, meta, config.num_frames, workers)
         index = json.loads((path / INDEX).read_text())
         return cls(path, {(int(f), n): i for i, (f, n) in enumerate(index["clips"]) if not index["bad"][i]},
                    index["num_frames"], {clip_id(f, n): r for (f, n), r in zip(index["clips"], index["bad"]) if r})
@@ -167,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cache = FeatureCache.open(args.cache_dir, args.data_root, args.num_frames, args.folds, args.workers)
+    folds = tuple(sorted(args.folds or range(1, 11)))
+    config = TrainConfig(data_root=args.data_root, num_frames=args.num_frames, feature_cache=args.cache_dir, folds=folds,
+                         test_fold=folds[0])
+    cache = FeatureCache.open(config, load_metadata(args.data_root, args.folds), args.workers)
     print(f"feature cache ready: {cache.path} ({len(cache.index)} clips)")
     return 0
 

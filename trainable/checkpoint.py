@@ -16,13 +16,10 @@ from typing import Any
 
 import torch
 
+from .experiment import TRAINER_STATE, TRAINING_STATE, WEIGHTS
 from .model import export_model
 
 log = logging.getLogger(__name__)
-
-TRAINING_STATE = "training_state.pt"
-TRAINER_STATE = "trainer_state.json"
-WEIGHTS = "model.safetensors"
 
 
 @dataclass

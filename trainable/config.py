@@ -32,21 +32,29 @@ class TrainConfig:
 
     data_root: str = _opt("", "UrbanSound8K folder holding audio/fold1..10 and metadata/UrbanSound8K.csv")
     model: str = _opt(DEFAULT_MODEL, "Hugging Face hub id or local folder of a pretrained AST checkpoint")
-    folds: tuple[int, ...] = _opt(tuple(range(1, 11)), "folds in use (all ten for the paper protocol; at least 3)")
-    test_fold: int = _opt(1, "the held-out fold whose accuracy this run reports")
-    val_fold: int | None = _opt(None, "fold used to pick the best epoch (default: the fold before the test fold)")
-    lr: float = _opt(5e-5, "AdamW learning rate (small, so the pretrained weights are not destroyed)")
-    batch_size: int = _opt(8, "effective batch size per optimizer step (kept under the OOM fallback)")
+    folds: tuple[int, ...] = _opt(tuple(range(1, 11)), "folds in use (all ten for the paper protocol; at least 3)",
+                                  orchestrator="its own --folds (every fold is a test fold once)")
+    test_fold: int = _opt(1, "the held-out fold whose accuracy this run reports", orchestrator="a grid dimension")
+    val_fold: int | None = _opt(None, "fold used to pick the best epoch (default: the fold before the test fold)",
+                                orchestrator="always the fold before the test fold")
+    lr: float = _opt(5e-5, "AdamW learning rate (small, so the pretrained weights are not destroyed)",
+                     orchestrator="a grid dimension (--lrs)")
+    batch_size: int = _opt(8, "effective batch size per optimizer step (kept under the OOM fallback)",
+                           orchestrator="a grid dimension (--batch-sizes)")
     epochs: int = _opt(5, "training epochs; fine-tuning converges in 5-10")
     weight_decay: float = _opt(0.01, "AdamW weight decay (torch's default)")
     num_frames: int = _opt(1024, "fbank frames per clip: 1024 = 10.24 s as pretrained; 400 holds UrbanSound8K's 4 s")
     seed: int = _opt(0, "random seed; each trial seeds with (seed, test fold) so reruns repeat exactly on CPU")
     amp: str = _opt("auto", "mixed precision: auto (bf16 where the GPU supports it, else fp16; off on CPU), off, fp16, bf16", choices=AMP_MODES)
-    device: str = _opt("auto", "auto (CUDA when torch sees a GPU), cpu or cuda", choices=DEVICES)
+    device: str = _opt("auto", "auto (CUDA when torch sees a GPU), cpu or cuda", choices=DEVICES,
+                       orchestrator="Ray places trials; --gpus and --gpus-per-trial")
     num_workers: int = _opt(2, "DataLoader worker processes per trial (0 = decode in the training process)")
-    feature_cache: str = _opt("", "folder of the precomputed feature cache ('' = decode every clip on the fly)")
-    torch_threads: int = _opt(0, "CPU threads torch may use in this run (0 = torch's default)")
-    skip_clips: tuple[str, ...] = _opt((), "clips left out as unreadable, e.g. fold3/123-4-0-0.wav (found by the pre-run check)")
+    feature_cache: str = _opt("", "folder of the precomputed feature cache ('' = decode every clip on the fly)",
+                              orchestrator="--cache-dir / --no-cache")
+    torch_threads: int = _opt(0, "CPU threads torch may use in this run (0 = torch's default)",
+                              orchestrator="--cpus-per-trial")
+    skip_clips: tuple[str, ...] = _opt((), "clips left out as unreadable, e.g. fold3/123-4-0-0.wav (found by the pre-run check)",
+                                       orchestrator="found by the orchestrator's pre-run check")
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,9 +98,6 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Convert ``value`` to the field's type, or raise AstCvError naming the field."""
@@ -132,6 +137,11 @@ def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
 
 
+def set_by_orchestrator() -> tuple[str, ...]:
+    """Fields orchestrate.py sets per trial or from its own flags (their metadata says how), so it has no flag for."""
+    return tuple(f.name for f in config_fields() if "orchestrator" in f.metadata)
+
+
 def frames_arg(text: str) -> int | str:
     """``--num-frames`` value: a whole number, or 'auto' (the smallest count holding the longest clip)."""
     if text == "auto":
@@ -165,7 +175,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
             kwargs["type"] = hint
         if f.name == "num_frames":
             kwargs["type"] = frames_arg
-            kwargs["help"] = kwargs["help"].replace(" (default", "; 'auto' fits the longest clip (default")
+            kwargs["help"] = kwargs["help"].replace(" (default", "; 'auto' fits every clip but outliers, which are cut and named (default")
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)

@@ -1,25 +1,23 @@
-"""UrbanSound8K data layer: metadata validation, fold splits, audio decoding and an on-the-fly Dataset.
+"""UrbanSound8K's metadata: the CSV read and checked, fold splits, and the dataset check (``verify``).
 
-Folds are the dataset's own: clips are never shuffled across folds (clips of one freesound recording
-share a fold, so mixing folds leaks near-duplicates into the test set).
+Torch-free. Folds are the dataset's own: clips are never shuffled across folds. Clips of one freesound recording
+(fsID) were meant to share a fold, but the official CSV has a few recordings in two folds: they are kept (results stay
+comparable with published ones) and reported (``recordings_in_several_folds``).
+
+    python -m trainable.data verify --data-root /path/UrbanSound8K
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
-import torch
-import torchaudio.functional as AF
 
 from .errors import AstCvError
-from .features import DEFAULT_NUM_FRAMES, SAMPLE_RATE, fbank, frames_for_seconds
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +48,7 @@ def _count(n: int, what: str) -> str:
     return f"{n:,} {what}{'' if n == 1 else 's'}"
 
 
-def load_metadata(root: str | Path, folds: Iterable[int] | None = None, check_files: bool = True) -> pd.DataFrame:
-    """Read and validate ``root/metadata/UrbanSound8K.csv``, keeping only ``folds`` (default: all ten).
-
-    Raises AstCvError, with what is wrong and how to fix it, for: a missing root or CSV, missing columns,
-    folds outside 1..10, a classID mapped to two class names (or the reverse), file names that are not
-    plain names, and listed files missing under ``root/audio/fold{N}/``.
-    """
-    root = Path(root).expanduser()
+def _read_csv(root: Path) -> tuple[Path, pd.DataFrame]:
     if not root.is_dir():
         raise AstCvError(
             f"Data root {root} does not exist or is not a folder. Pass --data-root pointing at the UrbanSound8K "
@@ -70,16 +61,22 @@ def load_metadata(root: str | Path, folds: Iterable[int] | None = None, check_fi
             f"audio/fold1..fold10; check that --data-root points at the folder that contains both."
         )
     try:
-        meta = pd.read_csv(csv_path)
+        return csv_path, pd.read_csv(csv_path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise AstCvError(f"Cannot parse {csv_path} as CSV ({exc}). Re-download the dataset's metadata file.") from exc
 
+
+def _check_columns(meta: pd.DataFrame, csv_path: Path) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
     if missing:
         raise AstCvError(
             f"{csv_path} lacks the column(s) {', '.join(missing)}; UrbanSound8K's CSV has "
             f"{', '.join(REQUIRED_COLUMNS)}. Use the original metadata file."
         )
+
+
+def _whole_numbers(meta: pd.DataFrame, csv_path: Path) -> None:
+    """fold and classID as ints (in place)."""
     for col in ("fold", "classID"):
         numeric = pd.to_numeric(meta[col], errors="coerce")
         bad = meta[numeric.isna() | (numeric != numeric.round())]
@@ -89,29 +86,28 @@ def load_metadata(root: str | Path, folds: Iterable[int] | None = None, check_fi
                 f"{bad[col].iloc[0]!r}. Fix or re-download the metadata file."
             )
         meta[col] = numeric.astype(int)
-
     bad_folds = sorted(set(meta["fold"]) - set(ALL_FOLDS))
     if bad_folds:
-        raise AstCvError(
-            f"{csv_path} lists fold(s) {bad_folds}; UrbanSound8K folds are 1..10. Fix the 'fold' column."
-        )
+        raise AstCvError(f"{csv_path} lists fold(s) {bad_folds}; UrbanSound8K folds are 1..10. Fix the 'fold' column.")
 
+
+def _check_classes(meta: pd.DataFrame, csv_path: Path) -> None:
     by_id = meta.groupby("classID")["class"].nunique()
     by_name = meta.groupby("class")["classID"].nunique()
-    if (by_id > 1).any() or (by_name > 1).any():
-        if (by_id > 1).any():
-            cid = int(by_id[by_id > 1].index[0])
-            names = sorted(meta.loc[meta["classID"] == cid, "class"].unique())
-            detail = f"classID {cid} is labelled {names}"
-        else:
-            name = by_name[by_name > 1].index[0]
-            ids = sorted(int(i) for i in meta.loc[meta["class"] == name, "classID"].unique())
-            detail = f"class '{name}' has classIDs {ids}"
-        raise AstCvError(
-            f"{csv_path}: classID and class disagree ({detail}). Each classID must name one class; "
-            f"fix the rows or re-download the metadata file."
-        )
+    if (by_id > 1).any():
+        cid = int(by_id[by_id > 1].index[0])
+        detail = f"classID {cid} is labelled {sorted(meta.loc[meta['classID'] == cid, 'class'].unique())}"
+    elif (by_name > 1).any():
+        name = by_name[by_name > 1].index[0]
+        detail = f"class '{name}' has classIDs {sorted(int(i) for i in meta.loc[meta['class'] == name, 'classID'].unique())}"
+    else:
+        return
+    raise AstCvError(f"{csv_path}: classID and class disagree ({detail}). Each classID must name one class; fix the rows "
+                     f"or re-download the metadata file.")
 
+
+def _check_file_names(meta: pd.DataFrame, csv_path: Path) -> None:
+    """File names plain (no path parts) and listed once (in place: names as str)."""
     names = meta["slice_file_name"].astype(str)
     unsafe = names[names.str.contains(r"[/\\]", regex=True) | names.isin(["", ".", ".."]) | names.str.contains(r"\.\.", regex=True)]
     if len(unsafe):
@@ -121,33 +117,67 @@ def load_metadata(root: str | Path, folds: Iterable[int] | None = None, check_fi
             f"clips are always read from audio/fold<N>/."
         )
     meta["slice_file_name"] = names
+    counts = names.value_counts()
+    repeated = counts[counts > 1]
+    if len(repeated):
+        first = repeated.index[0]
+        rows = [int(i) + 2 for i in meta.index[names == first]]
+        whole_rows = int(meta.duplicated().sum())
+        raise AstCvError(
+            f"{csv_path}: {_count(len(repeated), 'file name')} repeated (first: {first!r}, listed {repeated.iloc[0]} "
+            f"times, CSV rows {rows}{f'; {whole_rows} row(s) are exact repeats' if whole_rows else ''}). Each clip must "
+            f"be listed once, or it counts twice in the accuracy. Remove the repeated rows."
+        )
 
-    if folds is not None:
-        wanted = sorted({int(f) for f in folds})
-        outside = [f for f in wanted if f not in ALL_FOLDS]
-        if outside:
-            raise AstCvError(f"--folds {outside} outside 1..10; UrbanSound8K folds are numbered 1 to 10.")
-        absent = [f for f in wanted if f not in set(meta["fold"])]
-        if absent:
-            raise AstCvError(
-                f"{csv_path} has no clips in fold(s) {absent}. Folds present: {sorted(set(meta['fold']))}."
-            )
-        meta = meta[meta["fold"].isin(wanted)]
-    meta = meta.reset_index(drop=True)
 
+def _select_folds(meta: pd.DataFrame, folds: Iterable[int] | None, csv_path: Path) -> pd.DataFrame:
+    if folds is None:
+        return meta.reset_index(drop=True)
+    wanted = sorted({int(f) for f in folds})
+    outside = [f for f in wanted if f not in ALL_FOLDS]
+    if outside:
+        raise AstCvError(f"--folds {outside} outside 1..10; UrbanSound8K folds are numbered 1 to 10.")
+    absent = [f for f in wanted if f not in set(meta["fold"])]
+    if absent:
+        raise AstCvError(f"{csv_path} has no clips in fold(s) {absent}. Folds present: {sorted(set(meta['fold']))}.")
+    return meta[meta["fold"].isin(wanted)].reset_index(drop=True)
+
+
+def _check_files_exist(root: Path, meta: pd.DataFrame) -> None:
+    exists = [audio_path(root, f, n).is_file() for f, n in zip(meta["fold"], meta["slice_file_name"])]
+    lost = meta[~np.asarray(exists, dtype=bool)]
+    if len(lost):
+        first = ", ".join(f"fold{f}/{n}" for f, n in zip(lost["fold"][:3], lost["slice_file_name"][:3]))
+        raise AstCvError(
+            f"{_count(len(lost), 'file')} listed in the CSV {'is' if len(lost) == 1 else 'are'} missing under "
+            f"{root / AUDIO_DIRNAME} (first: {first}; in fold(s) {sorted(set(lost['fold']))}). Pass --folds to use "
+            f"only the folds you have, or restore the missing files."
+        )
+
+
+def load_metadata(root: str | Path, folds: Iterable[int] | None = None, check_files: bool = True) -> pd.DataFrame:
+    """Read and check ``root/metadata/UrbanSound8K.csv``, keeping only ``folds`` (default: all ten).
+
+    Raises AstCvError, saying what is wrong and how to fix it, for: a missing root or CSV, missing columns, folds
+    outside 1..10, a classID mapped to two class names (or the reverse), file names that are not plain names or are
+    listed twice, and listed files missing under ``root/audio/fold{N}/``.
+    """
+    root = Path(root).expanduser()
+    csv_path, meta = _read_csv(root)
+    _check_columns(meta, csv_path)
+    _whole_numbers(meta, csv_path)
+    _check_classes(meta, csv_path)
+    _check_file_names(meta, csv_path)
+    meta = _select_folds(meta, folds, csv_path)
     if check_files:
-        audio_root = root / AUDIO_DIRNAME
-        exists = [audio_path(root, f, n).is_file() for f, n in zip(meta["fold"], meta["slice_file_name"])]
-        lost = meta[~np.asarray(exists, dtype=bool)]
-        if len(lost):
-            first = ", ".join(f"fold{f}/{n}" for f, n in zip(lost["fold"][:3], lost["slice_file_name"][:3]))
-            lost_folds = sorted(set(lost["fold"]))
-            raise AstCvError(
-                f"{_count(len(lost), 'file')} listed in the CSV {'is' if len(lost) == 1 else 'are'} missing under "
-                f"{audio_root} (first: {first}; in fold(s) {lost_folds}). Pass --folds to use only the folds you "
-                f"have, or restore the missing files."
-            )
+        _check_files_exist(root, meta)
     return meta
+
+
+def recordings_in_several_folds(metadata: pd.DataFrame) -> dict[int, list[int]]:
+    """fsIDs with clips in more than one fold: {fsID: sorted folds}. The official CSV has a few."""
+    folds = metadata.groupby("fsID")["fold"].unique()
+    return {int(fs): sorted(int(f) for f in fl) for fs, fl in folds.items() if len(fl) > 1}
 
 
 def class_names(metadata: pd.DataFrame) -> list[str]:
@@ -182,7 +212,8 @@ class Splits:
 def split_folds(metadata: pd.DataFrame, test_fold: int, val_fold: int | None = None) -> Splits:
     """Split by whole folds: test = ``test_fold``, val = ``val_fold`` (default: the fold before), train = the rest.
 
-    Pure function of the metadata. Because splits are whole folds, no clip and no fsID is in two splits.
+    Pure function of the metadata. Splits are whole folds, so no clip is in two splits (a recording, fsID,
+    can be: see ``recordings_in_several_folds``).
     """
     folds = sorted(set(int(f) for f in metadata["fold"]))
     if len(folds) < 3:
@@ -203,58 +234,10 @@ def split_folds(metadata: pd.DataFrame, test_fold: int, val_fold: int | None = N
     )
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Decode a sound file to a 1-D float32 tensor: channels averaged to mono, resampled to ``sample_rate``.
-
-    Reads every WAV kind UrbanSound8K holds (8-bit unsigned, 16/24/32-bit PCM, 32/64-bit float,
-    WAVE_FORMAT_EXTENSIBLE, IMA ADPCM; mono or stereo; 8-192 kHz) through libsndfile.
-    Raises AstCvError naming the file if it is empty, unreadable, or holds NaN/inf samples.
-    """
-    path = Path(path)
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AstCvError(f"Cannot decode audio file {path}: {exc}. Replace the file or remove its row from the CSV.") from exc
-    if data.shape[0] == 0:
-        raise AstCvError(f"Audio file {path} holds no samples. Replace the file or remove its row from the CSV.")
-    if not np.isfinite(data).all():
-        raise AstCvError(f"Audio file {path} holds NaN or infinite samples. Replace the file or remove its row from the CSV.")
-    wave = torch.from_numpy(data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0].copy())
-    if rate != sample_rate:
-        g = math.gcd(int(rate), int(sample_rate))
-        wave = AF.resample(wave, int(rate) // g, int(sample_rate) // g)
-    return wave.contiguous()
-
-
-def longest_clip_seconds(root: str | Path, metadata: pd.DataFrame) -> float:
-    """Duration of the longest clip listed in ``metadata``, read from the file headers."""
-    longest = 0.0
-    for fold, name in zip(metadata["fold"], metadata["slice_file_name"]):
-        path = audio_path(root, fold, name)
-        try:
-            info = sf.info(str(path))
-        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-            raise AstCvError(f"Cannot read the header of {path}: {exc}. Replace the file or remove its row from the CSV.") from exc
-        longest = max(longest, info.frames / info.samplerate)
-    return longest
-
-
-AUTO_FRAMES_SLACK = 8  # frames (80 ms) of the longest clip that may be cut: IMA ADPCM pads its last block
-
-
-def auto_num_frames(root: str | Path, metadata: pd.DataFrame, multiple: int = 16) -> int:
-    """The smallest frame count (a multiple of AST's 16-frame patch) holding the longest clip: 400 for 4 s clips.
-
-    Up to ``AUTO_FRAMES_SLACK`` trailing frames may be cut, so block padding (a 4 s IMA ADPCM file decodes to
-    4.03 s) does not cost a whole extra patch column on every clip.
-    """
-    frames = frames_for_seconds(longest_clip_seconds(root, metadata)) - AUTO_FRAMES_SLACK
-    return max(multiple, -(-frames // multiple) * multiple)
-
-
 def clip_id(fold: int, name: str) -> str:
     """How a clip is named in messages and in ``skip_clips``: ``fold3/123-4-0-0.wav``."""
     return f"fold{int(fold)}/{name}"
+
 
 
 def drop_clips(metadata: pd.DataFrame, clips: Iterable[str]) -> pd.DataFrame:
@@ -265,39 +248,6 @@ def drop_clips(metadata: pd.DataFrame, clips: Iterable[str]) -> pd.DataFrame:
     keep = [clip_id(f, n) not in clips for f, n in zip(metadata["fold"], metadata["slice_file_name"])]
     return metadata[np.asarray(keep, dtype=bool)].reset_index(drop=True)
 
-
-def screen_headers(root: str | Path, metadata: pd.DataFrame) -> dict[str, str]:
-    """Clips whose file header cannot be read or that hold no samples: {clip id: reason}. Fast (no decoding)."""
-    bad = {}
-    for fold, name in zip(metadata["fold"], metadata["slice_file_name"]):
-        path = audio_path(root, fold, name)
-        try:
-            info = sf.info(str(path))
-            if info.frames == 0:
-                bad[clip_id(fold, name)] = "no samples"
-        except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-            bad[clip_id(fold, name)] = f"unreadable: {str(exc).splitlines()[0]}"
-    return bad
-
-
-def clip_features(path: str | Path, num_frames: int = DEFAULT_NUM_FRAMES) -> torch.Tensor:
-    """Decode one clip and return its normalized AST features, [num_frames, 128]."""
-    return fbank(load_audio(path), num_frames=num_frames)
-
-
-class ClipDataset(torch.utils.data.Dataset):
-    """Yields (features [num_frames, 128] float32, label index) for metadata rows, decoding on the fly."""
-
-    def __init__(self, root: str | Path, rows: pd.DataFrame, classes: Sequence[str], num_frames: int = DEFAULT_NUM_FRAMES):
-        self.paths = [audio_path(root, f, n) for f, n in zip(rows["fold"], rows["slice_file_name"])]
-        self.labels = label_indices(rows, classes)
-        self.num_frames = num_frames
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return clip_features(self.paths[i], self.num_frames), int(self.labels[i])
 
 
 US8K_FOLD_SIZES = {1: 873, 2: 888, 3: 925, 4: 990, 5: 936, 6: 823, 7: 838, 8: 806, 9: 816, 10: 837}

@@ -14,10 +14,12 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .data import ClipDataset, class_names, load_metadata
+from .audio import ClipDataset
+from .data import class_names, load_metadata
 from .model import build_tiny_ast, export_model, fit_time_frames
 from .synth import generate
-from .train import MicroBatch, seed_everything, train_one_epoch
+from .oom import MicroBatch
+from .train import seed_everything, train_one_epoch
 
 log = logging.getLogger(__name__)
 

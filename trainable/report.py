@@ -1,0 +1,140 @@
+"""report.md: the summary as Markdown a researcher can paste, with the uncertainty of every number it quotes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .select import ALPHA
+
+
+def fmt(mean: float | None, std: float | None) -> str:
+    """Accuracy as percent, mean ± std."""
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
+
+
+def fmt_ci(ci: list[float] | None) -> str:
+    return f"95 % CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f} %" if ci else "95 % CI n/a (one fold)"
+
+
+def _headline(s: dict[str, Any]) -> list[str]:
+    n = len(s["per_fold"])
+    lines = [f"**Nested cross-validation test accuracy: {fmt(s['mean'], s['std'])} %** ({fmt_ci(s.get('ci95'))}; "
+             f"mean ± sample std over {n} fold{'s' if n != 1 else ''}, t-interval over folds; on each fold the config "
+             f"and epoch were chosen on that fold's validation fold, never on its test fold).", ""]
+    if not s["complete"]:
+        lines += [f"⚠ Partial experiment: {s['trials_finished']} of {s['trials_expected']} trials finished. Missing or "
+                  f"unfinished: " + ", ".join(f"{u['trial']} ({u['epochs_done']} epochs)" for u in s["unfinished"]), ""]
+    if s.get("skipped_clips"):
+        lines += [f"⚠ {len(s['skipped_clips'])} clip(s) could not be read and were left out of every trial: "
+                  + "; ".join(f"{c} ({r})" for c, r in sorted(s["skipped_clips"].items())), ""]
+    if s.get("fsids_in_several_folds"):
+        shared = s["fsids_in_several_folds"]
+        lines += [f"⚠ {len(shared)} recording(s) (fsID) have clips in several folds, as in the official metadata; the "
+                  f"official folds are kept so results stay comparable with published ones: "
+                  + "; ".join(f"fsID {k} in folds {', '.join(map(str, v))}" for k, v in sorted(shared.items())), ""]
+    return lines
+
+
+def _tables(s: dict[str, Any]) -> list[str]:
+    lines = ["## Per fold (nested selection)", "", "| test fold | lr | batch | epoch | val acc % | test acc % |",
+             "|---|---|---|---|---|---|"]
+    for p in s["per_fold"]:
+        lines.append(f"| {p['fold']} | {p['lr']:g} | {p['batch_size']} | {p['epoch']} | {100 * p['val_accuracy']:.2f} | "
+                     f"{100 * p['test_accuracy']:.2f} |")
+    folds = sorted({int(f) for c in s["configs"] for f in c["test_accuracy"]})
+    lines += ["", "## Every config (test accuracy % at each fold's best-validation epoch)", "",
+              "| lr | batch | " + " | ".join(f"fold {f}" for f in folds) + " | mean ± std | mean val % |",
+              "|---|---|" + "---|" * len(folds) + "---|---|"]
+    for c in s["configs"]:
+        cells = [f"{100 * c['test_accuracy'][str(f)]:.2f}" if str(f) in c["test_accuracy"] else "–" for f in folds]
+        mv = f"{100 * c['mean_val_accuracy']:.2f}" if c["mean_val_accuracy"] is not None else "n/a"
+        lines.append(f"| {c['lr']:g} | {c['batch_size']} | " + " | ".join(cells) + f" | {fmt(c['mean'], c['std'])} | {mv} |")
+    return lines + [""]
+
+
+def _choice(s: dict[str, Any]) -> list[str]:
+    lines = []
+    if s["best_config"]:
+        b = s["best_config"]
+        lines.append(f"Best config by mean **validation** accuracy: lr {b['lr']:g}, batch {b['batch_size']} (its mean test "
+                     f"accuracy, {fmt(b['mean'], b['std'])} %, is mildly optimistic: each validation fold is another "
+                     f"round's test fold; quote the nested number above).")
+        model = s.get("best_model") or {}
+        if s.get("best_model_dir"):
+            lines.append(f"Exported model: `{s['best_model_dir']}` = {model.get('trial')}, epoch {model.get('epoch')}.")
+        elif s.get("export_problem"):
+            lines.append(f"⚠ No model was exported: {s['export_problem']}.")
+    if s["optimistic"]:
+        o = s["optimistic"]
+        lines.append(f"Optimistic (config chosen on mean **test** accuracy, as many papers do; biased upwards): "
+                     f"lr {o['lr']:g}, batch {o['batch_size']}: {fmt(o['mean'], o['std'])} %.")
+    return lines
+
+
+def _comparisons(s: dict[str, Any]) -> list[str]:
+    comps = s.get("comparisons") or []
+    if not comps or not s["best_config"]:
+        return []
+    b = s["best_config"]
+    lines = ["", f"## Configs compared with the best one (lr {b['lr']:g}, batch {b['batch_size']})", "",
+             "Paired over folds with the corrected resampled t-test (Nadeau & Bengio 2003: the variance of the per-fold "
+             "differences × (1/k + n_test/n_train), since the folds' training sets overlap); two-sided.", "",
+             "| lr | batch | folds | mean difference (points) | t | p |", "|---|---|---|---|---|---|"]
+    for c in comps:
+        t = "n/a" if c["t"] is None else f"{c['t']:.2f}"
+        p = "n/a" if c["p_value"] is None else f"{c['p_value']:.3f}"
+        diff = "n/a" if c["mean_difference"] is None else f"{100 * c['mean_difference']:+.2f}"
+        lines.append(f"| {c['lr']:g} | {c['batch_size']} | {c['folds']} | {diff} | {t} | p = {p} |")
+    tested = [c for c in comps if c["p_value"] is not None]
+    if not tested:
+        lines += ["", "With fewer than two common folds no config can be told apart from the best one."]
+    elif all(c["p_value"] >= ALPHA for c in tested):
+        lines += ["", f"**No config differs significantly from the chosen one (all p ≥ {ALPHA}): on these folds the "
+                      f"grid's configs are indistinguishable.**"]
+    else:
+        worse = [f"lr {c['lr']:g}/batch {c['batch_size']}" for c in tested if c["p_value"] < ALPHA]
+        lines += ["", f"Significantly different from the chosen one (p < {ALPHA}): {', '.join(worse)}."]
+    return lines
+
+
+def _refit(s: dict[str, Any]) -> list[str]:
+    r = s.get("refit")
+    if not r:
+        return []
+    return ["", "## Final model (refit on all folds)", "",
+            f"`{s.get('final_model_dir')}`: trained on every fold in use ({', '.join(map(str, r['folds']))}) with lr "
+            f"{r['lr']:g}, batch {r['batch_size']}, for {r['epochs']} epochs (the median best epoch of that config). It "
+            f"saw every clip, so it has no test accuracy of its own: the nested cross-validation figure above is the "
+            f"estimate of how such a model does on unseen data."]
+
+
+def _details(s: dict[str, Any]) -> list[str]:
+    lines = []
+    if s.get("plots"):
+        titles = {"fold_accuracy": "Test accuracy per fold and config", "learning_curves": "Learning curves",
+                  "confusion_matrix": "Confusion matrix", "per_class_accuracy": "Per-class accuracy"}
+        lines += ["", "## Figures", ""]
+        for key, rel in s["plots"].items():
+            lines += [f"### {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({rel})", ""]
+    if s["per_class_accuracy"]:
+        lines += ["", "## Per class (nested selection, summed over folds)", "", "| class | accuracy % |", "|---|---|"]
+        for name, acc in s["per_class_accuracy"].items():
+            lines.append(f"| {name} | {'n/a' if acc is None else f'{100 * acc:.2f}'} |")
+    if s["confusion_matrix"]:
+        names = s["classes"] or [str(i) for i in range(len(s["confusion_matrix"]))]
+        lines += ["", "## Confusion matrix (rows: true class, columns: predicted; summed over folds)", "",
+                  "| true \\ predicted | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for name, row in zip(names, s["confusion_matrix"]):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    v = s.get("versions") or {}
+    lines += ["", "## Reproduce", "", f"- command: `{' '.join(s['command'] or [])}`",
+              f"- seed {s['seed']}, commit {s['git_commit']}, " + ", ".join(f"{k} {val}" for k, val in v.items()), ""]
+    return lines
+
+
+def render_report(s: dict[str, Any]) -> str:
+    """The Markdown report: headline with its interval, per-fold picks, every config, comparisons, classes."""
+    return "\n".join(["# ast-cv cross-validation report", ""] + _headline(s) + _tables(s) + _choice(s)
+                     + _comparisons(s) + _refit(s) + _details(s))
