@@ -125,6 +125,8 @@ def run_all(args) -> int:
                 continue
             outcome = run_step(step, ctx, budget_end, log)
             print(json.dumps(outcome), flush=True)
+            written = json.loads((out / "env.json").read_text())  # a step may have added its figures (0_prepare)
+            env.update({k: v for k, v in written.items() if k not in env})
             env["steps"].append(outcome)
             ctx.write("env", env)
             if step.name == "0_prepare" and outcome["status"] != "ok":

@@ -275,8 +275,8 @@ def _orchestrate(ctx: Ctx, name: str, extra: list[str]) -> dict:
            "--folds", "1", "2", "3", "--lrs", "5e-5", "1e-5", "--batch-sizes", "16", "--epochs", "2",
            "--num-frames", "auto", "--storage-path", str(ctx.work / "runs"), "--name", name,
            "--cache-dir", str(ctx.cache), *extra]
-    if ctx.rehearse:
-        cmd += ["--test-folds", "1", "--num-workers", "0"]
+    if ctx.rehearse:  # later flags win: one test fold, one epoch
+        cmd += ["--test-folds", "1", "--num-workers", "0", "--epochs", "1"]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -337,7 +337,7 @@ def _pair(ctx: Ctx) -> dict:
     frames = ctx.frames[1]
     amp = "off" if ctx.rehearse else _amp_name(_device())
     args = [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--frames", str(frames), "--amp", amp,
-            "--batch-size", "2" if ctx.rehearse else "16", "--steps", "2" if ctx.rehearse else "30", "--warmup", "1" if ctx.rehearse else "5"]
+            "--batch-size", "2" if ctx.rehearse else "16", "--steps", "1" if ctx.rehearse else "30", "--warmup", "0" if ctx.rehearse else "5"]
     args += ["--tiny"] if ctx.rehearse else []
     out = {}
     for n in (1, 2):

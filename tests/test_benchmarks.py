@@ -29,14 +29,14 @@ def run(script, *args):
 
 
 @pytest.mark.slow
-def test_step_input_and_grid_benchmarks_run(tmp_path):
+def test_step_input_and_grid_benchmarks_run(synth_root, tmp_path):
     step, inp, grid = tmp_path / "step.json", tmp_path / "input.json", tmp_path / "grid.json"
     run("step.py", "--frames", "64", "48", "--amp", "off", "bf16", "--batch-size", "1", "--steps", "1",
         "--warmup", "0", "--tiny", "--json", str(step))
     rows = json.loads(step.read_text())["rows"]
     assert {(r["frames"], r["amp"]) for r in rows} == {(64, "off"), (64, "bf16"), (48, "off"), (48, "bf16")}
     assert all(r["samples_per_s"] > 0 for r in rows)
-    text = run("input.py", "--limit", "30", "--num-frames", "64", "--json", str(inp))
+    text = run("input.py", "--data-root", str(synth_root), "--limit", "30", "--num-frames", "64", "--json", str(inp))
     result = json.loads(inp.read_text())
     assert result["clips"] == 30 and result["ratio"] == pytest.approx(result["cached_clips_per_s"] / result["on_the_fly_clips_per_s"])
     assert "ratio" in text
@@ -97,6 +97,7 @@ def test_gpu_check_rehearsal_writes_every_step(tmp_path):
     assert [s["step"] for s in env_json["steps"]] == ["0_prepare", "1_step", "2_t4_memory", "3_oom", "4_seed_vs_ours",
                                                       "5_ray", "6_packing", "7_compile"]
     assert all(s["status"] == "ok" for s in env_json["steps"]), env_json["steps"]
+    assert env_json["prepare"]["model"].startswith("tiny AST") and env_json["rehearse"]
     load = lambda name: json.loads((out / f"{name}.json").read_text())  # noqa: E731
     step = load("1_step")
     assert len(step["rows"]) == 4 and all(r["samples_per_s"] > 0 for r in step["rows"])

@@ -43,7 +43,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AudioError(f"Cannot decode audio file {path}: {exc}.") from exc
+        raise AudioError(f"Cannot decode audio file {path}: {str(exc).rstrip('.')}.") from exc
     if data.shape[0] == 0:
         raise AudioError(f"Audio file {path} holds no samples.")
     if not np.isfinite(data).all():

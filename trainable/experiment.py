@@ -172,12 +172,13 @@ class ExperimentLock:
             if not held:
                 continue
             where = f"pid {pid} on host {host}, started {held.get('started', '?')}"
+            command = " ".join(map(str, held.get("command", [])))
+            command = command if len(command) <= 160 else command[:157] + "..."
             hint = ("" if host == self.record["host"] else
                     f" If that process is gone (it runs on another machine, so this one cannot tell), delete {self.path}.")
             raise AstCvError(
-                f"Experiment {self.path.parent} is being run by another orchestrator ({where}: "
-                f"{' '.join(map(str, held.get('command', [])))[:200]}). Wait for it to finish, or pass --name NEW for a "
-                f"separate experiment.{hint}"
+                f"Experiment {self.path.parent} is being run by another orchestrator ({where}: {command}). Wait for it "
+                f"to finish, or pass --name NEW for a separate experiment.{hint}"
             )
         raise AstCvError(f"Could not take the lock {self.path}: it keeps changing. Is another orchestrator starting?")
 
