@@ -202,7 +202,8 @@ def step_2_t4_memory(ctx: Ctx) -> dict:
     else:  # rehearsal: the fallback is driven by the simulated OOM instead of a memory cap
         os.environ["ASTCV_SIMULATE_OOM_ABOVE"] = "8"
         result["simulated_oom_above"] = 8
-    for frames, amp in ((ctx.frames[0], "off"), (ctx.frames[1], "fp16")):
+    settings = ((ctx.frames[0], "off"),) if ctx.rehearse else ((ctx.frames[0], "off"), (ctx.frames[1], "fp16"))
+    for frames, amp in settings:  # the rehearsal runs one setting: the same code path, half the time
         for batch in (8, 16):
             _free()
             history, seconds = _fit(ctx, ctx.small, epochs=1, batch_size=batch, num_frames=frames, amp=amp)
@@ -329,7 +330,8 @@ def _trial_figures(exp: Path) -> dict:
 
 def step_5_ray(ctx: Ctx) -> dict:
     """orchestrate.py with Ray: one trial per GPU (rehearsal: CPU, 2 CPUs per trial, so one at a time)."""
-    return _orchestrate(ctx, "gpu1", ["--cpus-per-trial", "2", "--gpus", "0"] if ctx.rehearse else ["--gpus", "1"])
+    extra = ["--cpus-per-trial", "2", "--gpus", "0", "--lrs", "5e-5"] if ctx.rehearse else ["--gpus", "1"]  # rehearsal: 1 trial
+    return _orchestrate(ctx, "gpu1", extra)
 
 
 def _pair(ctx: Ctx) -> dict:

@@ -190,9 +190,9 @@ def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda 
 
 @pytest.mark.slow
 def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_path):
-    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "workerkill", "--epochs", "5", "--max-failures", "2")
+    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "workerkill", "--epochs", "3", "--max-failures", "2")
     epochs = [r["epoch"] for r in _rows(trial)]
-    assert epochs[-1] == 5 and epochs.count(1) == 1, epochs  # resumed, not restarted
+    assert epochs[-1] == 3 and epochs.count(1) == 1, epochs  # resumed, not restarted
     assert len({r["pid"] for r in _rows(trial)}) == 2  # a second worker process finished the trial
     assert json.loads((tmp_path / "workerkill" / "summary.json").read_text())["complete"]
 
@@ -206,11 +206,11 @@ def test_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_p
         weights = latest / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
 
-    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "4", "--debug", then=damage)
+    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "3", "--debug", then=damage)
     output = log.read_text()
     assert "is damaged" in output, output[-3000:]
     epochs = [r["epoch"] for r in _rows(trial)]
-    assert epochs[-1] == 4 and epochs.count(2) == 2 and epochs.count(1) == 1, epochs  # epoch 2 redone from epoch 1
+    assert epochs[-1] == 3 and epochs.count(2) == 2 and epochs.count(1) == 1, epochs  # epoch 2 redone from epoch 1
     assert json.loads((tmp_path / "damaged" / "summary.json").read_text())["complete"]
 
 

@@ -183,15 +183,15 @@ def dataset_source(config: TrainConfig):
     """
     full = load_metadata(config.data_root, config.folds)
     classes = class_names(full)
-    meta = drop_clips(full, config.skip_clips)
     if config.feature_cache:
         from .cache import CachedDataset, FeatureCache
 
         cache = FeatureCache.open(config, full)
-        meta = drop_clips(meta, cache.excluded)
+        meta = drop_clips(full, {*config.skip_clips, *cache.excluded})
         return meta, classes, lambda rows: CachedDataset(cache, rows, classes)
     from .audio import ClipDataset
 
+    meta = drop_clips(full, config.skip_clips)
     return meta, classes, lambda rows: ClipDataset(config.data_root, rows, classes, config.num_frames)
 
 
