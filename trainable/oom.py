@@ -77,6 +77,14 @@ class MicroBatch:
     fallbacks: int = 0
     rehearsal: OomRehearsal = field(default_factory=OomRehearsal)
 
+    @classmethod
+    def start(cls, batch_size: int, optimizer: torch.optim.Optimizer, size: int | None = None) -> "MicroBatch":
+        """The controller of a run: micro-batch ``size`` (default: the whole batch), the OOM rehearsal read from the
+        environment once and armed on ``optimizer``."""
+        rehearsal = OomRehearsal.from_env()
+        rehearsal.arm(optimizer)
+        return cls(size=size or batch_size, batch_size=batch_size, rehearsal=rehearsal)
+
     @property
     def accum_steps(self) -> int:
         return math.ceil(self.batch_size / self.size)

@@ -70,7 +70,10 @@ def find_checkpoint(trial_dir: Path, epoch: int) -> Path | None:
 
 
 def export_model(exp_dir: Path, trial: str, epoch: int, rows: dict[str, list]) -> tuple[Path | None, str | None]:
-    """Copy exactly that trial's checkpoint of that epoch to ``best_model/`` (HF format); (folder, problem)."""
+    """Copy exactly that trial's checkpoint of that epoch to ``best_model/`` (HF format); (folder, problem).
+
+    ``rows``: each trial's epoch rows, by trial name.
+    """
     ckpt = find_checkpoint(exp_dir / trial, epoch)
     out = exp_dir / BEST_MODEL
     if ckpt is None:
@@ -176,12 +179,13 @@ def summarize(exp_dir: str | Path, export: bool = True) -> dict[str, Any]:
     sizes = {int(f): int(n) for f, n in (manifest.get("fold_sizes") or {}).items()}
     sel = select(trials, folds, sizes)
     summary = summary_json(sel, manifest, trials, exp_dir)
+    rows = {t.name: list(t.rows) for t in trials}
     if export and sel.export is not None:
-        out, problem = export_model(exp_dir, *sel.export, {t.name: list(t.rows) for t in trials})
+        out, problem = export_model(exp_dir, *sel.export, rows)
         summary["best_model_dir"], summary["export_problem"] = (str(out) if out else None), problem
     from .plots import make_all
 
-    summary["plots"] = make_all(summary, {t.name: list(t.rows) for t in trials},
+    summary["plots"] = make_all(summary, rows,
                                 {t.name: (t.test_fold, t.lr, t.batch_size) for t in trials}, exp_dir)
     write_per_trial(exp_dir / PER_TRIAL_CSV, trials)
     write_summary(exp_dir, summary)

@@ -243,9 +243,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     if restore_dir is not None:
         state = load_checkpoint(restore_dir, model, optimizer, scaler)
         log.info("resumed after epoch %d from %s", state.epoch, restore_dir)
-    rehearsal = OomRehearsal.from_env()
-    rehearsal.arm(optimizer)
-    micro = MicroBatch(size=state.micro_batch_size or config.batch_size, batch_size=config.batch_size, rehearsal=rehearsal)
+    micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
     log.info(
         "fold %d (val %s): %d train / %d val / %d test clips on %s%s",
         config.test_fold, config.val_fold or "auto", len(data.train), len(data.val), len(data.test), device,
@@ -302,8 +300,7 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
     meta, classes, make = dataset_source(config)
     dataset = make(meta)
     device, dtype, model, optimizer, scaler = training_objects(config, classes)
-    micro = MicroBatch(size=config.batch_size, batch_size=config.batch_size, rehearsal=OomRehearsal.from_env())
-    micro.rehearsal.arm(optimizer)
+    micro = MicroBatch.start(config.batch_size, optimizer)
     generator = torch.Generator()
     loader = make_loader(config, dataset, device, shuffle=True, generator=generator)
     for epoch in range(1, epochs + 1):
