@@ -34,9 +34,13 @@ def load_classifier(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise AstCvError(f"{model_dir} holds no config.json: pass --model with an exported folder such as runs/NAME/best_model.")
-    model = ASTForAudioClassification.from_pretrained(model_dir).eval()
-    pre = model_dir / "preprocessor_config.json"
-    fe = json.loads(pre.read_text()) if pre.is_file() else {}
+    try:
+        model = ASTForAudioClassification.from_pretrained(model_dir).eval()
+        pre = model_dir / "preprocessor_config.json"
+        fe = json.loads(pre.read_text()) if pre.is_file() else {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged config.json, weights or preprocessor file
+        raise AstCvError(f"Cannot load the model in {model_dir} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                         f"The folder is damaged: export it again (orchestrate.py --report-only EXPERIMENT).") from None
     return model, int(fe.get("max_length", model.config.max_length)), float(fe.get("mean", AUDIOSET_MEAN)), float(fe.get("std", AUDIOSET_STD))
 
 

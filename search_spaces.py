@@ -2,7 +2,8 @@
 
 A value ``{"grid_search": [...]}`` is a Ray Tune grid dimension (the same dict ``tune.grid_search`` returns);
 any other value is fixed for every trial. Folds are a grid dimension too (``test_fold``); ``orchestrate.py
---folds`` replaces it, ``--lrs``/``--batch-sizes`` replace the others.
+--folds`` replaces it (a space with fixed ``folds`` runs only its own test folds among them), ``--lrs``/``--batch-sizes``
+replace the others.
 """
 
 ALL_FOLDS = list(range(1, 11))
@@ -14,12 +15,15 @@ SPACES = {
         "lr": {"grid_search": [1e-5, 5e-5]},
         "batch_size": {"grid_search": [8, 16]},
     },
-    # One small config per fold: checks that everything runs before a long job.
+    # A check of the whole path in minutes before the long job: one test fold (training on the others), two short
+    # epochs (checkpoint, resume point, best weights), then the reducer and the export. Not a result to quote.
     "smoke": {
-        "test_fold": {"grid_search": ALL_FOLDS},
+        "folds": ALL_FOLDS,
+        "test_fold": {"grid_search": [1]},
         "lr": {"grid_search": [5e-5]},
         "batch_size": {"grid_search": [8]},
-        "epochs": 1,
+        "epochs": 2,
+        "max_steps_per_epoch": 50,
     },
     # The built-in demo's tiny AST learns at larger rates than AST-base.
     "demo": {

@@ -91,7 +91,7 @@ def test_a_1024_frame_checkpoint_trains_at_400(synth_root, tiny_ast_1024, tmp_pa
     config = TrainConfig.from_dict(dict(data_root=str(synth_root), model=str(tiny_ast_1024), folds=(1, 2, 3, 4),
                                         test_fold=1, epochs=1, num_frames=400, num_workers=0, lr=1e-3))
     rows = []
-    fit(config, lambda m, ckpt: rows.append((m, json.loads((ckpt / "config.json").read_text()))))
+    fit(config, lambda m, ckpt: rows.append((m, json.loads((ckpt / "best" / "config.json").read_text()))))
     metrics, saved = rows[0]
     assert np.isfinite(metrics["train_loss"]) and saved["max_length"] == 400
 

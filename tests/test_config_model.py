@@ -47,7 +47,9 @@ def test_cli_has_a_flag_with_help_for_every_field():
     text = parser.format_help()
     for f in config_fields():
         assert "--" + f.name.replace("_", "-") in text
-    args = parser.parse_args(["--data-root", "/x", "--folds", "1", "2", "3", "--test-fold", "3", "--lr", "1e-5"])
+    assert parser.parse_args([]).num_frames == "auto"  # resolved from the clips by each command line
+    args = parser.parse_args(["--data-root", "/x", "--folds", "1", "2", "3", "--test-fold", "3", "--lr", "1e-5",
+                              "--num-frames", "400"])
     c = config_from_args(args)
     assert c.folds == (1, 2, 3) and c.test_fold == 3 and c.lr == 1e-5 and c.data_root == "/x"
 

@@ -68,8 +68,8 @@ def test_bad_data_is_one_clear_message(case, synth_root, tiny_ast_1024, tmp_path
 
 
 BAD_FLAGS = {
-    "--lrs 0": (["--lrs", "0"], "lr must be > 0"),
-    "--lrs negative": (["--lrs=-1e-5"], "lr must be > 0"),
+    "--lrs 0": (["--lrs", "0"], "--lrs must be finite numbers > 0"),
+    "--lrs negative": (["--lrs=-1e-5"], "--lrs must be finite numbers > 0"),
     "--batch-sizes 0": (["--batch-sizes", "0"], "batch_size must be >= 1"),
     "--epochs 0": (["--epochs", "0"], "epochs must be >= 1"),
     "unknown fold": (["--folds", "1", "2", "11"], "outside 1..10"),
@@ -206,7 +206,8 @@ def test_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_p
         weights = latest / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
 
-    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "3", "--debug", then=damage)
+    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "3", "--debug",
+                                            "--keep-checkpoints", "all", then=damage)  # older checkpoints are kept
     output = log.read_text()
     assert "is damaged" in output, output[-3000:]
     epochs = [r["epoch"] for r in _rows(trial)]
@@ -242,7 +243,7 @@ def test_restore_point_skips_damaged_checkpoints(synth_root, tiny_ast_1024, tmp_
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoints_never_unpickle_code(synth_root, tiny_ast_1024, tmp_path):
-    (ckpt,) = _checkpoint_dirs(tmp_path, synth_root, tiny_ast_1024)[-1:]
+    (ckpt,) = _checkpoint_dirs(tmp_path, synth_root, tiny_ast_1024)[:1]  # epoch 1 of 2: a resume point
     marker = tmp_path / "pwned"
 
     class Payload:

@@ -1,21 +1,18 @@
-"""Predict CLI, dataset verification, the Colab notebook and environment.yml."""
+"""Predict CLI, dataset verification and environment.yml (the Colab notebook: test_colab.py)."""
 
 import json
 import re
-import shlex
 import tomllib
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-import orchestrate
 import predict
-from trainable.data import US8K_CLASSES, US8K_FOLD_SIZES, build_parser as data_parser, main as data_main, verify_dataset
+from trainable.data import US8K_CLASSES, US8K_FOLD_SIZES, main as data_main, verify_dataset
 from trainable.synth import WAV_KINDS, class_signal, write_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,35 +82,6 @@ def test_verify_reports_a_generated_set_as_different(synth_root, capsys):
     assert data_main(["verify", "--data-root", str(synth_root)]) == 1
     out = capsys.readouterr().out
     assert "fold 1: 20 clips in the CSV, UrbanSound8K has 873" in out and "does NOT match" in out
-
-
-def _notebook_commands():
-    nb = nbformat.read(ROOT / "examples" / "colab.ipynb", as_version=4)
-    nbformat.validate(nb)
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        for line in cell.source.splitlines():
-            line = line.strip()
-            if line.startswith("!python "):
-                line = re.sub(r"\$(\w+)", lambda m: f"/x/{m.group(1)}", line.split("|")[0])
-                yield shlex.split(line[len("!python "):])
-
-
-def test_colab_notebook_is_valid_and_its_commands_parse():
-    commands = list(_notebook_commands())
-    scripts = {c[0] if c[0] != "-m" else c[1] for c in commands}
-    assert {"orchestrate.py", "predict.py", "trainable.data"} <= scripts
-    for cmd in commands:
-        if cmd[0] == "orchestrate.py":
-            args = orchestrate.build_parser().parse_args(cmd[1:])
-            assert args.gpus == 1
-        elif cmd[0] == "predict.py":
-            predict.build_parser().parse_args(cmd[1:])
-        elif cmd[:2] == ["-m", "trainable.data"]:
-            data_parser().parse_args(cmd[2:])
-        else:
-            pytest.fail(f"unknown command in the notebook: {cmd}")
 
 
 def _name(requirement: str) -> str:

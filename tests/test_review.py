@@ -124,7 +124,7 @@ def test_second_orchestrator_on_a_running_experiment_is_refused(synth_root, tiny
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
-    from trainable.experiment import ExperimentLock
+    from trainable.lock import ExperimentLock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -133,7 +133,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
         with ExperimentLock(tmp_path):
             held = json.loads((tmp_path / ".astcv.lock").read_text())
             assert held["pid"] == os.getpid()
-    assert "stale lock" in caplog.text and str(dead.pid) in caplog.text
+    assert "taking over the lock" in caplog.text and f"pid {dead.pid}" in caplog.text and "no longer runs" in caplog.text
     assert not (tmp_path / ".astcv.lock").exists()
 
 
@@ -258,7 +258,10 @@ def test_num_frames_above_the_pretrained_1024_warns(synth_root, tiny_ast_1024, c
     data, model = synth_root, tiny_ast_1024
     args = orchestrate.build_parser().parse_args(["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3",
                                                   "--num-frames", "2048", "--gpus", "0", "--storage-path", "/tmp/x"])
-    orchestrate.make_plan(args, 0)
+    from search_spaces import SPACES
+    from trainable.prepare import make_plan
+
+    make_plan(args, SPACES, 0)
     err = capsys.readouterr().err
     assert "2048" in err and "1024" in err and "warning" in err
 
@@ -353,7 +356,10 @@ def test_summary_carries_ci95_and_comparisons(tmp_path):
         _fake_trial(exp, f, 1e-3, [good], [good], keep_epochs=(1,))
         _fake_trial(exp, f, 1e-4, [bad], [bad], keep_epochs=(1,))
     s = summarize(exp, export=False)
-    assert s["ci95"] == pytest.approx(list(__import__("trainable.stats", fromlist=["ci95"]).ci95([0.8, 0.7, 0.9])))
+    from trainable.stats import ci95
+
+    assert s["ci95_plain"] == pytest.approx(list(ci95([0.8, 0.7, 0.9])))
+    assert s["ci95"] == pytest.approx(list(ci95([0.8, 0.7, 0.9], 1.0)))  # 3 folds: n_test / n_train = 100 / 100
     [c] = s["comparisons"]
     assert (c["lr"], c["batch_size"]) == (1e-4, 8) and c["mean_difference"] == pytest.approx(-0.65 / 3)
     assert c["test_train_ratio"] == pytest.approx(100 / 100)  # 3 folds: 1 test, 1 validation, 1 training fold

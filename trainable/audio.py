@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -124,6 +125,48 @@ def long_input_warning(num_frames: int) -> str | None:
     return (f"--num-frames {num_frames} is above the {PRETRAINED_FRAMES} frames AST was pretrained with: its position "
             f"embeddings are stretched to fit, and compute grows faster than the length ({num_frames / PRETRAINED_FRAMES:.1f}x "
             f"the frames). UrbanSound8K's clips fit in 400 (--num-frames auto).")
+
+
+def parallel_map(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int | None, desc: str) -> Iterator[Any]:
+    """``fn`` over ``jobs`` in ``workers`` processes (default: every core), results in order, with a progress bar."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    workers = max(1, workers or os.cpu_count() or 1)
+    bar = tqdm(total=len(jobs), desc=desc, unit="clip", mininterval=2.0)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        for result in (pool.map(fn, jobs, chunksize=16) if pool else map(fn, jobs)):
+            bar.update()
+            yield result
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
+
+
+def _decode_problem(path: str) -> str:
+    """Why a clip cannot be used ('' when it decodes to finite samples)."""
+    torch.set_num_threads(1)
+    try:
+        load_audio(path)
+    except AudioError as exc:
+        return str(exc).rstrip(".")
+    return ""
+
+
+def find_unusable(root: str | Path, metadata: pd.DataFrame, headers: Headers | None = None,
+                  workers: int | None = None) -> dict[str, str]:
+    """Clip id -> why it cannot be used, for every listed clip: the headers first (empty, unreadable), then every
+    other clip decoded in parallel (corrupt data, NaN/inf samples), as ``--no-cache`` trials would meet them."""
+    bad = dict((headers or read_headers(root, metadata)).bad)
+    rest = [(clip_id(f, n), str(audio_path(root, f, n))) for f, n in zip(metadata["fold"], metadata["slice_file_name"])
+            if clip_id(f, n) not in bad]
+    for (clip, _), problem in zip(rest, parallel_map(_decode_problem, [p for _, p in rest], workers, "checking clips")):
+        if problem:
+            bad[clip] = problem
+    return bad
 
 
 def clip_features(path: str | Path, num_frames: int = DEFAULT_NUM_FRAMES) -> torch.Tensor:

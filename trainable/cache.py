@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,8 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
-from .audio import AudioError, clip_features
+from .audio import AudioError, clip_features, parallel_map
+from .cli import run_cli
 from .config import TrainConfig
 from .data import audio_path, clip_id, label_indices, load_metadata
 from .features import AUDIOSET_MEAN, AUDIOSET_STD, NUM_MEL_BINS, recipe_fingerprint
@@ -75,10 +75,10 @@ class FeatureCache:
     @classmethod
     def open(cls, config: TrainConfig, meta: pd.DataFrame, workers: int | None = None) -> "FeatureCache":
         """Open the cache for ``config``'s dataset and frame count under ``config.feature_cache``, building it first
-        if needed. ``meta``: the validated metadata rows of the folds in use (``data.load_metadata``)."""
-        cache_root = Path(config.feature_cache).expanduser()
-        key = cache_key(config.data_root, meta, config.num_frames)
-        path = cache_root / f"{key}-f{config.num_frames}"
+        if needed with ``workers`` processes (default: every core). ``meta``: the validated metadata rows of the
+        folds in use (``data.load_metadata``)."""
+        path = cache_path(config, meta)
+        cache_root = path.parent
         if not (path / INDEX).is_file():
             cache_root.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path) + ".lock"):
@@ -92,10 +92,18 @@ class FeatureCache:
         return np.load(self.path / FEATURES, mmap_mode="r")
 
 
+def cache_path(config: TrainConfig, meta: pd.DataFrame) -> Path:
+    """The folder of the cache for ``config``'s data and frame count (built or not)."""
+    key = cache_key(config.data_root, meta, config.num_frames)
+    return Path(config.feature_cache).expanduser() / f"{key}-f{config.num_frames}"
+
+
+def cache_is_built(config: TrainConfig, meta: pd.DataFrame) -> bool:
+    return (cache_path(config, meta) / INDEX).is_file()
+
+
 def build(path: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int, workers: int | None = None) -> None:
     """Compute every clip's features in parallel into ``path`` (written to a temporary folder, then renamed)."""
-    from tqdm.auto import tqdm
-
     tmp = path.with_name(path.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -104,26 +112,14 @@ def build(path: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int
     jobs = [(str(audio_path(data_root, f, n)), num_frames) for f, n in clips]
     workers = workers or max(1, (os.cpu_count() or 1))
     log.info("building the feature cache (%d clips, %d frames) in %s with %d processes", len(clips), num_frames, path, workers)
-    bar = tqdm(total=len(jobs), desc="feature cache", unit="clip", mininterval=2.0)
-    if workers == 1:
-        results = map(_compute, jobs)
-    else:
-        pool = ProcessPoolExecutor(workers)
-        results = pool.map(_compute, jobs, chunksize=16)
     bad: list[str] = []
-    try:
-        for i, feats in enumerate(results):
-            if isinstance(feats, str):
-                log.warning("left out of the cache: %s (%s)", clip_id(*clips[i]), feats)
-                bad.append(feats)
-            else:
-                out[i] = feats
-                bad.append("")
-            bar.update()
-    finally:
-        bar.close()
-        if workers != 1:
-            pool.shutdown()
+    for i, feats in enumerate(parallel_map(_compute, jobs, workers, "feature cache")):
+        if isinstance(feats, str):
+            log.warning("left out of the cache: %s (%s)", clip_id(*clips[i]), feats)
+            bad.append(feats)
+        else:
+            out[i] = feats
+            bad.append("")
     out.flush()
     del out
     (tmp / INDEX).write_text(json.dumps({"num_frames": num_frames, "dtype": np.dtype(STORE_DTYPE).name,
@@ -162,14 +158,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-frames", type=int, default=1024, help="frames per clip (default: 1024)")
     parser.add_argument("--folds", type=int, nargs="+", default=None, help="folds to include (default: all)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    folds = tuple(sorted(args.folds or range(1, 11)))
-    config = TrainConfig(data_root=args.data_root, num_frames=args.num_frames, feature_cache=args.cache_dir, folds=folds,
-                         test_fold=folds[0])
-    cache = FeatureCache.open(config, load_metadata(args.data_root, args.folds), args.workers)
-    print(f"feature cache ready: {cache.path} ({len(cache.index)} clips)")
-    return 0
+
+    def build_it() -> int:
+        folds = tuple(sorted(args.folds or range(1, 11)))
+        meta = load_metadata(args.data_root, args.folds)
+        config = TrainConfig(data_root=args.data_root, num_frames=args.num_frames, feature_cache=args.cache_dir,
+                             folds=folds, test_fold=folds[0])
+        cache = FeatureCache.open(config, meta, args.workers)
+        print(f"feature cache ready: {cache.path} ({len(cache.index)} clips)")
+        return 0
+
+    return run_cli(build_it, args.debug)
 
 
 if __name__ == "__main__":

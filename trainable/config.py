@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
 
@@ -13,6 +14,7 @@ from .errors import AstCvError
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+KEEP_CHECKPOINTS = ("best", "all")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -23,7 +25,8 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 
 # Smallest allowed value of each numeric setting (num_frames: one 16-frame AST patch).
-_LOWER_BOUNDS = {"batch_size": 1, "epochs": 1, "weight_decay": 0, "num_frames": 16, "torch_threads": 0, "num_workers": 0}
+_LOWER_BOUNDS = {"batch_size": 1, "epochs": 1, "weight_decay": 0, "num_frames": 16, "torch_threads": 0, "num_workers": 0,
+                 "max_steps_per_epoch": 0}
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,11 @@ class TrainConfig:
                            orchestrator="a grid dimension (--batch-sizes)")
     epochs: int = _opt(5, "training epochs; fine-tuning converges in 5-10")
     weight_decay: float = _opt(0.01, "AdamW weight decay (torch's default)")
-    num_frames: int = _opt(1024, "fbank frames per clip: 1024 = 10.24 s as pretrained; 400 holds UrbanSound8K's 4 s")
+    num_frames: int = _opt(1024, "fbank frames per clip: 'auto' fits every clip but outliers, which are cut and named (400 "
+                           "for UrbanSound8K's 4 s clips, as the official AST recipe fits ESC-50's 5 s in 512); 1024 = "
+                           "10.24 s, as pretrained", cli_default="auto")
+    max_steps_per_epoch: int = _opt(0, "optimizer steps per epoch at most (0 = the whole training set; the smoke space "
+                                     "uses 50 to check a setup in minutes)")
     seed: int = _opt(0, "random seed; each trial seeds with (seed, test fold) so reruns repeat exactly on CPU")
     amp: str = _opt("auto", "mixed precision: auto (bf16 where the GPU supports it, else fp16; off on CPU), off, fp16, bf16", choices=AMP_MODES)
     device: str = _opt("auto", "auto (CUDA when torch sees a GPU), cpu or cuda", choices=DEVICES,
@@ -53,11 +60,19 @@ class TrainConfig:
                               orchestrator="--cache-dir / --no-cache")
     torch_threads: int = _opt(0, "CPU threads torch may use in this run (0 = torch's default)",
                               orchestrator="--cpus-per-trial")
+    keep_checkpoints: str = _opt("best", "best: a running trial keeps its latest checkpoint (to resume) and its best "
+                                 "epoch's weights, a finished one only those weights in float16 (about 0.17 GB for AST-base); "
+                                 "all: every epoch's full checkpoint with optimizer state (about 1 GB each for AST-base)",
+                                 choices=KEEP_CHECKPOINTS)
     skip_clips: tuple[str, ...] = _opt((), "clips left out as unreadable, e.g. fold3/123-4-0-0.wav (found by the pre-run check)",
                                        orchestrator="found by the orchestrator's pre-run check")
 
     def __post_init__(self) -> None:
         problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name} must be a finite number (got {value})")
         if self.lr <= 0:
             problems.append(f"lr must be > 0 (got {self.lr})")
         for name, low in _LOWER_BOUNDS.items():
@@ -77,6 +92,8 @@ class TrainConfig:
             problems.append(f"skip_clips entries must look like fold<N>/<file name> (got {bad_clips[:3]})")
         if self.amp not in AMP_MODES:
             problems.append(f"amp must be one of {AMP_MODES} (got {self.amp!r})")
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            problems.append(f"keep_checkpoints must be one of {KEEP_CHECKPOINTS} (got {self.keep_checkpoints!r})")
         if self.device not in DEVICES:
             problems.append(f"device must be one of {DEVICES} (got {self.device!r})")
         if problems:
@@ -163,8 +180,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
             continue
         hint = hints[f.name]
         args = get_args(hint)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS if only_if_given else f.default}
-        default = f.default
+        default = f.metadata.get("cli_default", f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS if only_if_given else default}
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else ("''" if default == "" else default)
         kwargs["help"] = f"{f.metadata['help']} (default: {shown})"
         if get_origin(hint) is tuple:
@@ -175,7 +192,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
             kwargs["type"] = hint
         if f.name == "num_frames":
             kwargs["type"] = frames_arg
-            kwargs["help"] = kwargs["help"].replace(" (default", "; 'auto' fits every clip but outliers, which are cut and named (default")
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)

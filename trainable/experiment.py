@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import AstCvError
+from .storage import Store, join
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,14 @@ PER_TRIAL_CSV = "per_trial.csv"
 REPORT = "report.md"
 BEST_MODEL = "best_model"
 FINAL_MODEL = "final_model"
-LOCK = ".astcv.lock"
 SOURCE = "astcv_source.json"  # in best_model/: which trial and epoch it is
 # Files of a checkpoint folder (a Hugging Face model folder plus the training state).
 TRAINER_STATE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 WEIGHTS = "model.safetensors"
 HF_FILES = ("config.json", WEIGHTS, "preprocessor_config.json")
+BEST_DIR = "best"  # in a checkpoint: the best-validation epoch's weights so far (float16)
+BEST_INFO = "best_epoch.json"  # in BEST_DIR: which epoch they are
 
 # Metric names reported every epoch (Ray Tune, metrics.jsonl, TensorBoard).
 EPOCH = "epoch"
@@ -44,6 +45,9 @@ TEST_ACCURACY = "test_accuracy"
 MICRO_BATCH_SIZE = "micro_batch_size"
 GRAD_ACCUM_STEPS = "grad_accum_steps"
 SAMPLES_PER_SECOND = "samples_per_second"
+EPOCH_SECONDS = "epoch_seconds"  # wall time of the epoch: training, evaluation and the checkpoint
+TRAIN_STEPS = "train_steps"  # [[global step, loss, learning rate], ...] of the epoch (for TensorBoard)
+SETUP_SECONDS = "setup_seconds"  # from the trial's start to its first step (model load, data, restore)
 BEST_EPOCH = "best_epoch"
 BEST_VAL_ACCURACY = "best_val_accuracy"
 BEST_TEST_ACCURACY = "best_test_accuracy"
@@ -52,6 +56,24 @@ OOM_FALLBACKS = "oom_fallbacks"
 SELECTION_SCORE = "selection_score"  # what checkpoints are ranked by and epochs are chosen by (see selection_score)
 NODE_ID = "node_id"  # Ray node that ran the trial (trials only)
 CUDA_VISIBLE_DEVICES = "cuda_visible_devices"  # GPUs Ray gave the trial (trials only)
+
+# TensorBoard: clear names for the epoch metrics (x axis: epoch); TRAIN_STEPS gives train/loss and train/lr per step.
+TENSORBOARD_EPOCH_TAGS = {TRAIN_LOSS: "train/epoch_loss", VAL_LOSS: "val/loss", VAL_ACCURACY: "val/accuracy",
+                          TEST_LOSS: "test/loss", TEST_ACCURACY: "test/accuracy",
+                          SAMPLES_PER_SECOND: "perf/samples_per_second", EPOCH_SECONDS: "perf/epoch_seconds",
+                          MICRO_BATCH_SIZE: "perf/micro_batch_size"}
+
+
+def tensorboard_scalars(metrics: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(tag, value, step) of one epoch's metrics: per optimizer step train/loss and train/lr, then the epoch's."""
+    out = []
+    for step, loss, lr in metrics.get(TRAIN_STEPS, []):
+        out += [("train/loss", float(loss), int(step)), ("train/lr", float(lr), int(step))]
+    for key, tag in TENSORBOARD_EPOCH_TAGS.items():
+        if isinstance(metrics.get(key), (int, float)):
+            out.append((tag, float(metrics[key]), int(metrics[EPOCH])))
+    return out
+
 
 _EPOCH_TIE_BREAK = 1e-9  # far below one clip of validation accuracy (1 / 10,000 clips), for up to 10^4 epochs
 
@@ -82,6 +104,21 @@ def trial_dirname(test_fold: int, lr: float, batch_size: int) -> str:
     return f"fold{int(test_fold):02d}_lr{format_lr(float(lr))}_bs{int(batch_size)}"
 
 
+_TRIAL_DIR = re.compile(r"^fold(\d{2})_lr([0-9.]+e[-+]\d+)_bs(\d+)$")
+
+
+def parse_trial_dirname(name: str) -> dict[str, Any] | None:
+    """The grid point a trial folder's name holds (``trial_dirname`` read back), or None for another folder."""
+    m = _TRIAL_DIR.match(name)
+    return {"test_fold": int(m[1]), "lr": float(m[2]), "batch_size": int(m[3])} if m else None
+
+
+def expected_trials(grid: Mapping[str, Any]) -> dict[str, tuple[int, float, int]]:
+    """Trial folder name -> (test fold, lr, batch size) of every point of the grid."""
+    return {trial_dirname(f, lr, bs): (int(f), float(lr), int(bs))
+            for f in grid["test_fold"] for lr in grid["lr"] for bs in grid["batch_size"]}
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for name in ("torch", "torchaudio", "transformers", "ray", "ast-cv"):
@@ -106,85 +143,36 @@ def git_commit(path: Path | None = None) -> str | None:
         return None
 
 
-def write_manifest(exp_dir: Path, **fields: Any) -> Path:
-    """Record how the experiment was started (command, config, grid, classes, fold sizes, versions, commit)."""
-    exp_dir.mkdir(parents=True, exist_ok=True)
+def _store(exp: Store | str | Path) -> Store:
+    return exp if isinstance(exp, Store) else Store.open(str(exp))
+
+
+def write_manifest(exp: Store | str | Path, **fields: Any) -> None:
+    """Record how the experiment was started (command, config, grid, classes, fold sizes, versions, commit), in the
+    experiment folder, local or behind a URI; written whole or not at all."""
     manifest = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(), "git_commit": git_commit()}
     manifest.update(fields)
-    path = exp_dir / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(path)
-    return path
+    _store(exp).write_text(MANIFEST, json.dumps(manifest, indent=1))
 
 
-def read_manifest(exp_dir: Path) -> dict[str, Any] | None:
-    path = Path(exp_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+def update_manifest(exp: Store | str | Path, **fields: Any) -> None:
+    """Change recorded fields (the grid grows when --test-folds adds folds)."""
+    store = _store(exp)
+    manifest = read_manifest(store) or {}
+    manifest.update(fields)
+    store.write_text(MANIFEST, json.dumps(manifest, indent=1))
 
 
-def _alive(pid: int) -> bool:
+def read_manifest(exp: Store | str | Path) -> dict[str, Any] | None:
+    """The experiment's manifest, None when there is none (not an experiment yet)."""
+    store = _store(exp)
+    text = store.read_text(MANIFEST)
+    if text is None:
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-class ExperimentLock:
-    """``with ExperimentLock(exp_dir):`` holds the experiment folder for one orchestrator.
-
-    The lock file records pid, host, start time and command. A second orchestrator is refused with an error naming
-    the running one; a lock left by a dead process on this host is taken over with a warning. A lock from another
-    host cannot be checked from here: the error says how to remove it.
-    """
-
-    def __init__(self, exp_dir: str | Path, command: list[str] | None = None):
-        self.path = Path(exp_dir) / LOCK
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       "command": command or sys.argv}
-
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.record, fh)
-        return True
-
-    def __enter__(self) -> "ExperimentLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # another process may take or drop the lock between our looks
-            if self._create():
-                return self
-            try:
-                held = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError):
-                held = {}
-            pid, host = held.get("pid"), held.get("host")
-            if host == self.record["host"] and isinstance(pid, int) and not _alive(pid):
-                log.warning("taking over the stale lock %s of process %d on %s (it no longer runs)", self.path, pid, host)
-                self.path.unlink(missing_ok=True)
-                continue
-            if not held:
-                continue
-            where = f"pid {pid} on host {host}, started {held.get('started', '?')}"
-            command = " ".join(map(str, held.get("command", [])))
-            command = command if len(command) <= 160 else command[:157] + "..."
-            hint = ("" if host == self.record["host"] else
-                    f" If that process is gone (it runs on another machine, so this one cannot tell), delete {self.path}.")
-            raise AstCvError(
-                f"Experiment {self.path.parent} is being run by another orchestrator ({where}: {command}). Wait for it "
-                f"to finish, or pass --name NEW for a separate experiment.{hint}"
-            )
-        raise AstCvError(f"Could not take the lock {self.path}: it keeps changing. Is another orchestrator starting?")
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if json.loads(self.path.read_text()).get("pid") == self.record["pid"]:
-                self.path.unlink()
-        except (OSError, json.JSONDecodeError):
-            pass
+        manifest = json.loads(text)
+        manifest["base_config"], manifest["grid"]  # noqa: B018 (both are required)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AstCvError(f"{join(store.location, MANIFEST)} is damaged ({type(exc).__name__}: {exc}); it records how the "
+                         f"experiment was started. Restore it from a copy, or pass --name NEW for a new experiment.") from None
+    return manifest

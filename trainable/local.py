@@ -2,9 +2,9 @@
 
     python -m trainable.train --data-root DIR --model M --folds 1 2 10 --test-fold 1 --epochs 2 --output OUT
 
-OUT holds metrics.jsonl (one line per epoch), last/ (the resume point), best/ (the best epoch, Hugging Face format)
-and tensorboard/. Re-running the same command resumes after the last finished epoch, also after a kill in the middle
-of writing a checkpoint.
+OUT holds metrics.jsonl (one line per epoch), last/ (the latest checkpoint: the resume point), best/ (the best epoch's
+weights in float16, Hugging Face format) and tensorboard/. Re-running the same command resumes after the last finished
+epoch, also after a kill in the middle of writing a checkpoint or between last/ and best/.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .checkpoint import read_trainer_state
 from .cli import run_cli
 from .config import add_config_arguments, config_from_args
 from .errors import AstCvError
-from .experiment import BEST_EPOCH, EPOCH, TRAINER_STATE
+from .experiment import BEST_DIR, BEST_EPOCH, BEST_INFO, EPOCH, TRAINER_STATE, tensorboard_scalars
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ def recover_dir(dst: Path) -> None:
     shutil.rmtree(dst.with_name(dst.name + ".tmp"), ignore_errors=True)
 
 
+def _best_epoch(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / BEST_INFO).read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 class LocalRun:
     """Reporter for runs without Ray: ``metrics.jsonl``, ``last/``, ``best/`` and ``tensorboard/`` under ``out``."""
 
@@ -55,6 +62,17 @@ class LocalRun:
         self.out.mkdir(parents=True, exist_ok=True)
         recover_dir(self.last)
         recover_dir(self.best)
+        self.repair_best()
+
+    def repair_best(self) -> None:
+        """After a kill between writing last/ and best/, best/ is missing or an older epoch's: last/ holds the
+        right one (every checkpoint carries the best weights so far)."""
+        held = self.last / BEST_DIR
+        if not (held / BEST_INFO).is_file():
+            return
+        if _best_epoch(self.best) != _best_epoch(held):
+            log.warning("best/ did not match last/ (a previous run was stopped between the two): restored from last/")
+            replace_dir(held, self.best)
 
     @property
     def last(self) -> Path:
@@ -74,16 +92,15 @@ class LocalRun:
     def __call__(self, metrics: dict[str, Any], ckpt_dir: Path) -> None:
         replace_dir(ckpt_dir, self.last)
         if metrics[BEST_EPOCH] == metrics[EPOCH]:
-            replace_dir(ckpt_dir, self.best)
+            replace_dir(ckpt_dir / BEST_DIR, self.best)
         # Metrics last: a line in metrics.jsonl means its checkpoint is on disk.
         with open(self.metrics, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         from tensorboardX import SummaryWriter
 
         with SummaryWriter(str(self.out / "tensorboard")) as tb:  # tensorboard --logdir OUT/tensorboard
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    tb.add_scalar(key, value, metrics[EPOCH])
+            for tag, value, step in tensorboard_scalars(metrics):
+                tb.add_scalar(tag, value, step)
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """Make metrics.jsonl hold exactly the epochs of the checkpoint being resumed (none when starting over)."""
@@ -112,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.data_root:
         raise AstCvError("--data-root is required: the UrbanSound8K folder (or one made by python -m trainable.synth).")
+    config_from_args(args, num_frames=1024)  # the other settings are checked before the data is read
     if args.num_frames == "auto":
         from .audio import auto_num_frames
         from .data import load_metadata
@@ -128,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         if previous.config != config.to_dict():
             raise AstCvError(f"{args.output} holds a run with a different config; pass --fresh to start over or another --output.")
     run.rewrite_metrics(previous.history if restore is not None else [])
-    state = fit(config, run, restore_dir=restore)
+    state = fit(config, run, restore_dir=restore, on_progress=lambda m: log.info(
+        "epoch %d: step %d/%d, %.1f samples/s", m["epoch"], m["step"], m["steps"], m["samples_per_s"]))
     print(f"best epoch {state.best_epoch}: val_accuracy {state.best_val_accuracy:.4f}, test_accuracy "
           f"{state.best_test_accuracy:.4f}; model in {run.best}")
     return 0

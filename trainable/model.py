@@ -47,6 +47,42 @@ def check_model_source(name: str) -> str:
     return name
 
 
+def resolve_model(name: str) -> str:
+    """A local folder with the model's files: ``name`` itself, or the hub's copy in the Hugging Face cache, fetched
+    here once (in the driver, before Ray starts) so that an unreachable hub or a mistyped id fails in seconds."""
+    source = check_model_source(name)
+    if Path(source).is_dir():
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(source, allow_patterns=["*.json", "*.safetensors"])
+        if not list(Path(folder).glob("*.safetensors")):
+            folder = snapshot_download(source, allow_patterns=["*.json", "*.bin"])
+    except Exception as exc:  # offline, unknown repository, no access, timeout: all end the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AstCvError(
+            f"Cannot get model {source!r} from the Hugging Face hub ({type(exc).__name__}: {first[:200]}). Check the "
+            f"id for typos; offline, pass --model with a local folder holding the checkpoint (save_pretrained() output, "
+            f"or the hub's files copied by hand), or set HF_HOME to a cache that has it."
+        ) from None
+    if not (Path(folder) / "config.json").is_file():
+        raise AstCvError(f"Model {source!r} on the hub has no config.json: it is not a transformers checkpoint.")
+    return folder
+
+
+def count_parameters(folder: str, num_labels: int, num_frames: int) -> int:
+    """Parameters of the model ``load_model`` builds from ``folder`` (new head, fitted position grid), counted on
+    the meta device: no weights are read."""
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    config = ASTConfig.from_pretrained(folder)
+    config.num_labels, config.max_length = num_labels, num_frames
+    with torch.device("meta"):
+        model = ASTForAudioClassification(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_model(name: str, classes: Sequence[str], num_frames: int | None = None):
     """Load ``ASTForAudioClassification`` from a hub id or folder with a fresh head for ``classes``.
 
@@ -142,11 +178,12 @@ def feature_extractor(num_frames: int, mean: float = AUDIOSET_MEAN, std: float =
     )
 
 
-def export_model(model, out_dir: str | Path, num_frames: int) -> Path:
-    """Write ``model`` in Hugging Face format with a matching feature extractor (pipeline-ready)."""
+def export_model(model, out_dir: str | Path, num_frames: int, state_dict=None) -> Path:
+    """Write ``model`` (or ``state_dict`` under its config) in Hugging Face format with a matching feature extractor
+    (pipeline-ready)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     feature_extractor(num_frames).save_pretrained(out)
     return out
 

@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import socket
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .config import TrainConfig
 from .errors import AstCvError
+from .experiment import format_lr
+from .footprint import Footprint
+from .storage import Store, is_uri, join
 
 GRID_KEYS = ("test_fold", "lr", "batch_size")
 DEFAULT_NAME = "ast-cv"
 DEMO_DIR = "demo"
-# Settings that may differ when an experiment is continued: this machine's resources, and the grid (compared apart).
-FREE_ON_RESUME = (*GRID_KEYS, "val_fold", "torch_threads", "num_workers", "device", "feature_cache", "skip_clips")
+DEFAULT_CACHE = "~/.cache/ast-cv/features"  # local disk: fast, and never the (maybe slow, small or remote) storage
+# Config fields a continued experiment may change (with the resources and --test-folds, which may grow); the others
+# are the experiment's own and are read from its manifest.
+CHANGEABLE_ON_RESUME = ("num_workers", "feature_cache")
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,15 @@ class Resources:
     def as_ray(self) -> dict[str, float]:
         return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
 
+    def slots(self, cpu_count: int | None = None) -> int | None:
+        """How many trials a local Ray start runs at once (None on a cluster: it depends on the nodes)."""
+        if self.address is not None:
+            return None
+        limits = [math.floor((cpu_count or os.cpu_count() or 1) / self.cpus_per_trial + 1e-9)]
+        if self.gpus_per_trial > 0:
+            limits.append(math.floor((self.num_gpus or 0) / self.gpus_per_trial + 1e-9))
+        return max(1, min(limits))
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -45,10 +62,18 @@ class Plan:
     name: str
     resources: Resources
     classes: list[str]
-    restore: bool
+    restore: bool  # continue the recorded Ray experiment
+    new_test_folds: tuple[int, ...] = ()  # test folds whose trials a new Ray run starts (all of them when not restoring)
     fold_sizes: dict[int, int] = field(default_factory=dict)  # usable clips per fold
     skipped: dict[str, str] = field(default_factory=dict)  # clip id -> why it is left out
     fsids_in_several_folds: dict[int, list[int]] = field(default_factory=dict)
+    footprint: Footprint | None = None  # disk needs, from the preflight
+    model_dir: str = ""  # the model's files on this machine (a hub id resolved into the Hugging Face cache)
+    finished: frozenset[str] = frozenset()  # trials that finished in earlier runs of the experiment
+
+    @cached_property
+    def store(self) -> Store:
+        return Store.open(self.exp_dir)
 
     @property
     def trial_base(self) -> dict[str, Any]:
@@ -58,10 +83,6 @@ class Plan:
     @property
     def trials(self) -> int:
         return len(self.grid["test_fold"]) * len(self.grid["lr"]) * len(self.grid["batch_size"])
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def absolute(path: str) -> str:
@@ -89,8 +110,10 @@ def with_demo_defaults(args: argparse.Namespace) -> tuple[argparse.Namespace, di
 def experiment_location(storage_path: str, name: str | None) -> tuple[str, str, str]:
     """(storage, name, experiment folder); local storage made absolute."""
     name = name or DEFAULT_NAME
+    if "/" in name or name in (".", ".."):
+        raise AstCvError(f"--name {name!r} must be a plain folder name (no '/').")
     storage = storage_path if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
-    return storage, name, f"{storage.rstrip('/')}/{name}"
+    return storage, name, join(storage, name)
 
 
 def build_grid(space: Mapping[str, Any], args: argparse.Namespace) -> tuple[dict[str, list], dict[str, Any], list[int]]:
@@ -100,41 +123,122 @@ def build_grid(space: Mapping[str, Any], args: argparse.Namespace) -> tuple[dict
     unknown = [k for k in grid if k not in GRID_KEYS]
     if unknown:
         raise AstCvError(f"search space dimension {unknown[0]!r} is not supported; grid over {GRID_KEYS}.")
-    folds = sorted(set(args.folds)) if args.folds else sorted(grid["test_fold"])
-    grid["test_fold"] = sorted(set(args.test_folds)) if args.test_folds else folds
+    space_folds = fixed.pop("folds", None)  # a space that trains on these folds but tests on its own few
+    folds = sorted(set(args.folds or space_folds or grid["test_fold"]))
+    if args.test_folds:
+        grid["test_fold"] = sorted(set(args.test_folds))
+    elif space_folds:
+        grid["test_fold"] = [f for f in grid["test_fold"] if f in folds] or folds[:1]
+    else:
+        grid["test_fold"] = folds
     if not set(grid["test_fold"]) <= set(folds):
         raise AstCvError(f"--test-folds {grid['test_fold']} must be among --folds {folds}.")
     if args.lrs:
         grid["lr"] = list(args.lrs)
     if args.batch_sizes:
         grid["batch_size"] = list(args.batch_sizes)
+    grid["lr"], grid["batch_size"] = distinct_lrs(grid["lr"]), sorted(set(int(b) for b in grid["batch_size"]))
     return grid, fixed, folds
+
+
+def distinct_lrs(lrs: Sequence[float]) -> list[float]:
+    """The learning rates once each (sorted), refused when not finite or when two would share a trial folder name."""
+    bad = [v for v in lrs if not math.isfinite(float(v)) or float(v) <= 0]
+    if bad:
+        raise AstCvError(f"--lrs must be finite numbers > 0 (got {bad[0]}).")
+    out = sorted(set(float(v) for v in lrs))
+    names: dict[str, float] = {}
+    for v in out:
+        if format_lr(v) in names:
+            raise AstCvError(f"--lrs {names[format_lr(v)]!r} and {v!r} are too close: both would be trials named "
+                             f"...lr{format_lr(v)}... Give learning rates that differ in their first 7 significant digits.")
+        names[format_lr(v)] = v
+    return out
+
+
+def requested(fixed: Mapping[str, Any], demo: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Config values asked for: the space's fixed settings, the demo's, then the flags given (in that order of
+    priority), local paths made absolute. Only what was asked: defaults are the config's."""
+    given = {k: v for k, v in vars(args).items()
+             if k in TrainConfig.__dataclass_fields__ and k not in (*GRID_KEYS, "folds") and v is not None}
+    values = {**fixed, **demo, **given}
+    for key in ("data_root", "model"):
+        if key in values:
+            values[key] = absolute(values[key])
+    if getattr(args, "no_cache", False) or getattr(args, "cache_dir", None):
+        values["feature_cache"] = cache_dir(args)
+    return values
 
 
 def config_values(fixed: Mapping[str, Any], demo: Mapping[str, Any], args: argparse.Namespace,
                   folds: Sequence[int]) -> dict[str, Any]:
-    """Config values from the space's fixed settings, the demo's, then the flags given (in that order of priority)."""
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and k not in GRID_KEYS}
-    values = {**fixed, **demo, **given, "folds": list(folds)}
-    values["data_root"] = absolute(values.get("data_root", ""))
-    values["model"] = absolute(values.get("model", TrainConfig.model))
-    if not values["data_root"]:
+    """The config values of a new experiment: what was asked, the folds, the default model and cache."""
+    values = {"model": TrainConfig.model, "num_frames": "auto", "feature_cache": cache_dir(args),
+              **requested(fixed, demo, args), "folds": list(folds)}
+    if not values.get("data_root"):
         raise AstCvError("--data-root is required: the UrbanSound8K folder (holding audio/ and metadata/), or use --demo.")
     return values
 
 
-def check_against_manifest(manifest: Mapping[str, Any], config: TrainConfig, grid: Mapping[str, list], exp_dir: str) -> None:
-    """An existing experiment may only be continued with its own settings (resources aside)."""
-    old = {k: v for k, v in manifest["base_config"].items() if k not in FREE_ON_RESUME}
-    new = {k: v for k, v in config.to_dict().items() if k not in FREE_ON_RESUME}
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if manifest["grid"] != grid:
-        changed.append("grid")
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def continued_values(manifest: Mapping[str, Any], asked: Mapping[str, Any], args: argparse.Namespace,
+                     space_grid: Mapping[str, list] | None, exp_dir: str) -> tuple[dict[str, Any], dict[str, list], list[int]]:
+    """(config values, grid, test folds added) of an experiment continued from its manifest.
+
+    Its data, model, grid and training settings are the recorded ones; of what was ``asked``, the changeable settings
+    are applied and --test-folds may add folds; anything else that differs is refused in one line naming it.
+    """
+    values, grid = dict(manifest["base_config"]), {k: list(v) for k, v in manifest["grid"].items()}
+    changed = []
+    for key, value in asked.items():
+        if key in CHANGEABLE_ON_RESUME:
+            values[key] = value
+        elif not (key == "num_frames" and value == "auto") and key in values and values[key] != value:
+            changed.append(f"{_flag(key)} (recorded {values[key]!r}, now {value!r})")
+    if args.folds and sorted(set(args.folds)) != sorted(values.get("folds") or []):
+        changed.append(f"--folds (recorded {values.get('folds')})")
+    wanted = {"lr": args.lrs or (space_grid or {}).get("lr"), "batch_size": args.batch_sizes or (space_grid or {}).get("batch_size")}
+    for key, flag in (("lr", "--lrs"), ("batch_size", "--batch-sizes")):
+        if wanted[key] and sorted(set(map(float, wanted[key]))) != sorted(set(map(float, grid[key]))):
+            changed.append(f"{flag} (recorded {grid[key]})")
+    added = []
+    if args.test_folds:
+        folds = sorted(set(args.test_folds))
+        if not set(grid["test_fold"]) <= set(folds) or not set(folds) <= set(values.get("folds") or []):
+            changed.append(f"--test-folds (recorded {grid['test_fold']}: it may only add folds among {values.get('folds')})")
+        else:
+            added = sorted(set(folds) - set(grid["test_fold"]))
+            grid["test_fold"] = folds
     if changed:
         raise AstCvError(
-            f"Experiment {exp_dir} exists with other settings ({', '.join(changed)}). Pass --resume to continue it with "
-            f"its own settings, or --name NEW for a new experiment."
+            f"Experiment {exp_dir} was started with other settings: {'; '.join(changed)}. Leave them out to continue it "
+            f"as recorded (--resume needs no other flag), or pass --name NEW for a new experiment. Changeable when "
+            f"continuing: --gpus, --gpus-per-trial, --cpus-per-trial, --address, --num-workers, --cache-dir, --no-cache, "
+            f"--max-failures, --refit, and --test-folds to add folds."
         )
+    return values, grid, added
+
+
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def probe_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail in seconds, not after minutes of Ray's retries, when --address HOST:PORT does not answer ('auto' is
+    looked up by Ray itself, which fails at once when no cluster runs here)."""
+    target = address.split("://", 1)[-1]
+    if address == "auto" or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise AstCvError(f"Cannot reach the Ray cluster at --address {address} within {timeout:g} s ({exc}). Check the "
+                         f"head node's address ('ray start --head' prints it; the port is 6379 by default), or leave "
+                         f"--address out to start Ray on this machine.") from None
 
 
 def plan_resources(args: argparse.Namespace, torch_gpus: int, cpu_count: int | None = None) -> Resources:
@@ -150,6 +254,7 @@ def plan_resources(args: argparse.Namespace, torch_gpus: int, cpu_count: int | N
             )
         num_gpus = float(torch_gpus) if args.gpus is None else float(args.gpus)
     else:
+        probe_address(args.address)
         num_gpus = None
     use_gpu = (num_gpus or 0) > 0 or (args.address is not None and (args.gpus_per_trial or 0) > 0)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if use_gpu else 0.0)
@@ -163,12 +268,11 @@ def plan_resources(args: argparse.Namespace, torch_gpus: int, cpu_count: int | N
     return Resources(cpus, gpus, num_gpus, args.address)
 
 
-def cache_dir(args: argparse.Namespace, storage: str) -> str:
-    """Where the feature cache lives ('' with --no-cache): beside the experiments, or in ~/.cache for URI storage."""
+def cache_dir(args: argparse.Namespace) -> str:
+    """Where the feature cache lives ('' with --no-cache): --cache-dir, else this machine's ~/.cache."""
     if args.no_cache:
         return ""
-    default = str(Path("~/.cache/ast-cv/features").expanduser()) if is_uri(storage) else f"{storage}/feature-cache"
-    return str(Path(args.cache_dir or default).expanduser().resolve())
+    return str(Path(args.cache_dir or DEFAULT_CACHE).expanduser().resolve())
 
 
 def first_config(values: Mapping[str, Any], grid: Mapping[str, list], resources: Resources) -> TrainConfig:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import math
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import AstCvError
 from .experiment import (
+    BEST_DIR,
+    BEST_INFO,
     BEST_MODEL,
     EPOCH,
     HF_FILES,
@@ -24,75 +27,115 @@ from .experiment import (
     TEST_CONFUSION,
     TRAINER_STATE,
     VAL_ACCURACY,
+    WEIGHTS,
+    expected_trials,
+    parse_trial_dirname,
     read_manifest,
-    trial_dirname,
 )
 from .report import render_report
 from .select import ConfigResult, Selection, TrialHistory, select
+from .storage import Store, join
 
 log = logging.getLogger(__name__)
 
 
-def read_rows(result_json: Path) -> list[dict[str, Any]]:
-    """A trial's epoch rows, one per epoch (a retried epoch keeps its last report; a cut-off last line is skipped)."""
+def parse_rows(text: str | None) -> list[dict[str, Any]]:
+    """A trial's epoch rows from its result.json, one per epoch (a retried epoch keeps its last report; a line cut
+    short by a kill or a full disk is skipped)."""
     by_epoch: dict[int, dict[str, Any]] = {}
-    if result_json.is_file():
-        for line in result_json.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if EPOCH in row and VAL_ACCURACY in row:
-                by_epoch[int(row[EPOCH])] = row
+    for line in (text or "").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and EPOCH in row and VAL_ACCURACY in row:
+            by_epoch[int(row[EPOCH])] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def read_trials(exp_dir: Path, epochs_planned: int) -> list[TrialHistory]:
-    """Every trial folder of the experiment with its epoch rows."""
-    trials = []
-    for params_path in sorted(Path(exp_dir).glob("*/params.json")):
-        params = json.loads(params_path.read_text())
-        trials.append(TrialHistory(params_path.parent.name, int(params["test_fold"]), float(params["lr"]),
-                                   int(params["batch_size"]), int(params.get("epochs", epochs_planned)),
-                                   tuple(read_rows(params_path.parent / "result.json"))))
-    return trials
-
-
-def find_checkpoint(trial_dir: Path, epoch: int) -> Path | None:
-    """The trial's checkpoint folder of ``epoch``, if Ray kept it."""
-    for ckpt in sorted(trial_dir.glob("checkpoint_*")):
+def trial_params(store: Store, name: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A trial's grid point: its params.json, else the config its results carry, else its folder's name (Ray's last
+    sync before a full disk can leave params.json empty). None for a folder that is not a trial."""
+    for source in (lambda: json.loads(store.read_text(f"{name}/params.json") or "null"),
+                   lambda: rows[-1].get("config") if rows else None,
+                   lambda: parse_trial_dirname(name)):
         try:
-            if json.loads((ckpt / TRAINER_STATE).read_text())["epoch"] == epoch:
-                return ckpt
-        except (OSError, json.JSONDecodeError, KeyError):
+            params = source()
+        except (json.JSONDecodeError, OSError):
             continue
+        if isinstance(params, dict) and all(k in params for k in ("test_fold", "lr", "batch_size")):
+            return params
     return None
 
 
-def export_model(exp_dir: Path, trial: str, epoch: int, rows: dict[str, list]) -> tuple[Path | None, str | None]:
-    """Copy exactly that trial's checkpoint of that epoch to ``best_model/`` (HF format); (folder, problem).
+def read_trials(exp: Store | str | Path, epochs_planned: int) -> list[TrialHistory]:
+    """Every trial folder of the experiment with its epoch rows (metrics only: no checkpoint is read)."""
+    store = exp if isinstance(exp, Store) else Store.open(str(exp))
+    trials = []
+    for name in store.list_dirs():
+        rows = parse_rows(store.read_text(f"{name}/result.json"))
+        params = trial_params(store, name, rows)
+        if params is None:
+            continue
+        trials.append(TrialHistory(name, int(params["test_fold"]), float(params["lr"]), int(params["batch_size"]),
+                                   int(params.get("epochs", epochs_planned)), tuple(rows)))
+    return trials
+
+
+def find_checkpoint(store: Store, trial: str, epoch: int) -> tuple[str, bool] | None:
+    """Where the weights of ``trial``'s ``epoch`` are: (folder relative to the experiment, whether they are float16),
+    a full checkpoint of that epoch first (float32), else a checkpoint whose best/ holds that epoch."""
+    found = None
+    for ckpt in reversed(store.list_dirs(trial)):
+        if not ckpt.startswith("checkpoint_"):
+            continue
+        rel = f"{trial}/{ckpt}"
+        try:
+            state = json.loads(store.read_text(f"{rel}/{TRAINER_STATE}") or "{}")
+            best = json.loads(store.read_text(f"{rel}/{BEST_DIR}/{BEST_INFO}") or "{}")
+        except json.JSONDecodeError:
+            continue
+        if state.get("epoch") == epoch and store.is_file(f"{rel}/{WEIGHTS}"):
+            return rel, False
+        if found is None and best.get("epoch") == epoch and store.is_file(f"{rel}/{BEST_DIR}/{WEIGHTS}"):
+            found = (f"{rel}/{BEST_DIR}", best.get("dtype") == "float16")
+    return found
+
+
+def upcast_weights(path: Path) -> None:
+    """Rewrite a safetensors file's float16 tensors as float32 (numpy: the reducer stays torch-free)."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def export_model(store: Store, trial: str, epoch: int, rows: dict[str, list]) -> tuple[str | None, str | None]:
+    """Copy exactly that trial's weights of that epoch to ``best_model/`` (HF format, float32); (location, problem).
 
     ``rows``: each trial's epoch rows, by trial name.
     """
-    ckpt = find_checkpoint(exp_dir / trial, epoch)
-    out = exp_dir / BEST_MODEL
-    if ckpt is None:
-        shutil.rmtree(out, ignore_errors=True)  # never leave another model under the name the report gives
-        problem = (f"the checkpoint of {trial}, epoch {epoch} (the model the selection names) is not in {exp_dir / trial}; "
-                   f"no model was exported")
+    found = find_checkpoint(store, trial, epoch)
+    if found is None:
+        store.delete(BEST_MODEL)  # never leave another model under the name the report gives
+        problem = (f"the checkpoint of {trial}, epoch {epoch} (the model the selection names) is not in "
+                   f"{join(store.location, trial)}; no model was exported")
         log.warning(problem)
         return None, problem
-    tmp = exp_dir / (BEST_MODEL + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name in HF_FILES:
-        shutil.copy2(ckpt / name, tmp / name)
+    rel, half = found
     row = next(r for r in rows[trial] if r[EPOCH] == epoch)
-    (tmp / SOURCE).write_text(json.dumps({"trial": trial, "epoch": epoch, "val_accuracy": row[VAL_ACCURACY],
-                                          "test_accuracy": row[TEST_ACCURACY], "checkpoint": str(ckpt)}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out, None
+    with tempfile.TemporaryDirectory(prefix="astcv-export-") as tmp:
+        out = Path(tmp) / BEST_MODEL
+        for name in HF_FILES:
+            store.download(f"{rel}/{name}", out / name)
+        if half:
+            upcast_weights(out / WEIGHTS)
+        (out / SOURCE).write_text(json.dumps({"trial": trial, "epoch": epoch, "val_accuracy": row[VAL_ACCURACY],
+                                              "test_accuracy": row[TEST_ACCURACY], "checkpoint": join(store.location, rel),
+                                              "stored_as": "float16" if half else "float32"}, indent=1))
+        store.put_dir(out, BEST_MODEL)
+    return join(store.location, BEST_MODEL), None
 
 
 def _config_json(c: ConfigResult | None, with_folds: bool = False) -> dict[str, Any] | None:
@@ -104,10 +147,10 @@ def _config_json(c: ConfigResult | None, with_folds: bool = False) -> dict[str, 
     return out
 
 
-def summary_json(sel: Selection, manifest: dict[str, Any], trials: list[TrialHistory], exp_dir: Path) -> dict[str, Any]:
+def summary_json(sel: Selection, manifest: dict[str, Any], trials: list[TrialHistory], exp_dir: str) -> dict[str, Any]:
     """summary.json's content: the selection plus what a reader needs to trust and reproduce it."""
     base, grid = manifest["base_config"], manifest["grid"]
-    expected = {trial_dirname(f, lr, bs): (f, lr, bs) for f in grid["test_fold"] for lr in grid["lr"] for bs in grid["batch_size"]}
+    expected = expected_trials(grid)
     by_name = {t.name: t for t in trials}
     unfinished = [{"trial": name, "test_fold": f, "lr": lr, "batch_size": bs,
                    "epochs_done": len(by_name[name].rows) if name in by_name else 0}
@@ -126,6 +169,9 @@ def summary_json(sel: Selection, manifest: dict[str, Any], trials: list[TrialHis
         "experiment": str(exp_dir), "metric": "accuracy",
         "per_fold": [vars(p) for p in sel.per_fold],
         "mean": sel.mean, "std": sel.std, "std_ddof": 1, "ci95": list(sel.ci95) if sel.ci95 else None,
+        "ci95_method": "Nadeau-Bengio corrected t-interval over folds (n_test/n_train "
+                       f"{sel.test_train_ratio:.3f}); ci95_plain is the plain t-interval, too narrow for overlapping "
+                       "training sets", "ci95_plain": list(sel.ci95_plain) if sel.ci95_plain else None,
         "configs": [{"lr": c.lr, "batch_size": c.batch_size,
                      "test_accuracy": {str(f): a for f, a in sorted(c.test_accuracy.items())},
                      "best_epoch": {str(f): e for f, e in sorted(c.best_epoch.items())},
@@ -147,7 +193,7 @@ def summary_json(sel: Selection, manifest: dict[str, Any], trials: list[TrialHis
     }
 
 
-def write_per_trial(path: Path, trials: Iterable[TrialHistory]) -> None:
+def per_trial_csv(trials: Iterable[TrialHistory]) -> str:
     import pandas as pd
 
     records = []
@@ -157,36 +203,51 @@ def write_per_trial(path: Path, trials: Iterable[TrialHistory]) -> None:
             rec.update({k: v for k, v in r.items() if isinstance(v, (int, float, str)) and k != TEST_CONFUSION
                         and not isinstance(v, bool) and k not in ("config", "trial_id", "date", "hostname", "node_ip", "pid")})
             records.append(rec)
-    pd.DataFrame(records).to_csv(path, index=False)
+    return pd.DataFrame(records).to_csv(index=False)
 
 
-def write_summary(exp_dir: Path, summary: dict[str, Any]) -> None:
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: summary.json is strict JSON that any language's parser reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_summary(exp: Store | str | Path, summary: dict[str, Any]) -> None:
     """summary.json and report.md, which always say the same."""
-    (exp_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
-    (exp_dir / REPORT).write_text(render_report(summary))
+    store = exp if isinstance(exp, Store) else Store.open(str(exp))
+    store.write_text(SUMMARY, json.dumps(strict_json(summary), indent=1, allow_nan=False))
+    store.write_text(REPORT, render_report(summary))
 
 
-def summarize(exp_dir: str | Path, export: bool = True) -> dict[str, Any]:
-    """Reduce the experiment in ``exp_dir``; write summary.json, per_trial.csv, report.md, plots and best_model/."""
-    exp_dir = Path(exp_dir).expanduser().resolve()
-    manifest = read_manifest(exp_dir)
+def summarize(exp: str | Path | Store, export: bool = True) -> dict[str, Any]:
+    """Reduce the experiment in ``exp`` (a folder or a URI); write summary.json, per_trial.csv, report.md, plots and
+    best_model/ into it. Reads the trials' metrics and the one checkpoint it exports."""
+    store = exp if isinstance(exp, Store) else Store.open(str(exp))
+    manifest = read_manifest(store)
     if manifest is None:
-        raise AstCvError(f"{exp_dir} is not an ast-cv experiment (no astcv_run.json). Pass the folder orchestrate.py "
-                         f"wrote, e.g. runs/<name>.")
+        raise AstCvError(f"{store.location} is not an ast-cv experiment (no astcv_run.json). Pass the folder "
+                         f"orchestrate.py wrote, e.g. runs/<name>.")
     base = manifest["base_config"]
-    trials = read_trials(exp_dir, int(base["epochs"]))
+    expected = expected_trials(manifest["grid"])
+    trials = [t for t in read_trials(store, int(base["epochs"])) if t.name in expected]
     folds = base.get("folds") or sorted({int(f) for f in manifest["grid"]["test_fold"]})
     sizes = {int(f): int(n) for f, n in (manifest.get("fold_sizes") or {}).items()}
     sel = select(trials, folds, sizes)
-    summary = summary_json(sel, manifest, trials, exp_dir)
+    summary = summary_json(sel, manifest, trials, store.location)
     rows = {t.name: list(t.rows) for t in trials}
     if export and sel.export is not None:
-        out, problem = export_model(exp_dir, *sel.export, rows)
-        summary["best_model_dir"], summary["export_problem"] = (str(out) if out else None), problem
-    from .plots import make_all
+        summary["best_model_dir"], summary["export_problem"] = export_model(store, *sel.export, rows)
+    from .plots import PLOTS_DIR, make_all
 
-    summary["plots"] = make_all(summary, rows,
-                                {t.name: (t.test_fold, t.lr, t.batch_size) for t in trials}, exp_dir)
-    write_per_trial(exp_dir / PER_TRIAL_CSV, trials)
-    write_summary(exp_dir, summary)
+    with tempfile.TemporaryDirectory(prefix="astcv-plots-") as tmp:
+        summary["plots"] = make_all(summary, rows, {t.name: (t.test_fold, t.lr, t.batch_size) for t in trials}, Path(tmp))
+        if summary["plots"]:
+            store.put_dir(Path(tmp) / PLOTS_DIR, PLOTS_DIR)
+    store.write_text(PER_TRIAL_CSV, per_trial_csv(trials))
+    write_summary(store, summary)
     return summary

@@ -15,14 +15,37 @@ def fmt(mean: float | None, std: float | None) -> str:
 
 
 def fmt_ci(ci: list[float] | None) -> str:
-    return f"95 % CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f} %" if ci else "95 % CI n/a (one fold)"
+    """The headline's interval: corrected for overlapping training sets (Nadeau & Bengio)."""
+    return f"95 % CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f} %, corrected" if ci else "95 % CI n/a (one fold)"
+
+
+def comparison_verdict(s: dict[str, Any]) -> str | None:
+    """What the comparisons of the other configs with the chosen one say, in one sentence (console and report)."""
+    comps = s.get("comparisons") or []
+    if not comps or not s.get("best_config"):
+        return None
+    tested = [c for c in comps if c["p_value"] is not None]
+    if not tested:
+        return "With fewer than two common folds no config can be compared with the chosen one."
+    different = [c for c in tested if c["p_value"] < ALPHA]
+    if different:
+        return (f"Significantly different from the chosen config (p < {ALPHA}): "
+                + ", ".join(f"lr {c['lr']:g}/batch {c['batch_size']} ({100 * c['mean_difference']:+.2f} points)"
+                            for c in different) + ".")
+    k = min(c["folds"] for c in tested)
+    caution = (f"low power: with {k} folds a difference of several points can go undetected" if k < 10 else
+               f"p ≥ {ALPHA}, which is not evidence that they are equal")
+    return f"No significant difference between the chosen config and the others on these {k} folds ({caution})."
 
 
 def _headline(s: dict[str, Any]) -> list[str]:
     n = len(s["per_fold"])
+    plain = s.get("ci95_plain")
+    plain_text = f"; the plain t-interval, too narrow here, is {100 * plain[0]:.2f}-{100 * plain[1]:.2f} %" if plain else ""
     lines = [f"**Nested cross-validation test accuracy: {fmt(s['mean'], s['std'])} %** ({fmt_ci(s.get('ci95'))}; "
-             f"mean ± sample std over {n} fold{'s' if n != 1 else ''}, t-interval over folds; on each fold the config "
-             f"and epoch were chosen on that fold's validation fold, never on its test fold).", ""]
+             f"mean ± sample std over {n} fold{'s' if n != 1 else ''}; the interval is the t-interval corrected for "
+             f"the folds' overlapping training sets (Nadeau & Bengio 2003){plain_text}; on each fold the config and "
+             f"epoch were chosen on that fold's validation fold, never on its test fold).", ""]
     if not s["complete"]:
         lines += [f"⚠ Partial experiment: {s['trials_finished']} of {s['trials_expected']} trials finished. Missing or "
                   f"unfinished: " + ", ".join(f"{u['trial']} ({u['epochs_done']} epochs)" for u in s["unfinished"]), ""]
@@ -87,16 +110,7 @@ def _comparisons(s: dict[str, Any]) -> list[str]:
         p = "n/a" if c["p_value"] is None else f"{c['p_value']:.3f}"
         diff = "n/a" if c["mean_difference"] is None else f"{100 * c['mean_difference']:+.2f}"
         lines.append(f"| {c['lr']:g} | {c['batch_size']} | {c['folds']} | {diff} | {t} | p = {p} |")
-    tested = [c for c in comps if c["p_value"] is not None]
-    if not tested:
-        lines += ["", "With fewer than two common folds no config can be told apart from the best one."]
-    elif all(c["p_value"] >= ALPHA for c in tested):
-        lines += ["", f"**No config differs significantly from the chosen one (all p ≥ {ALPHA}): on these folds the "
-                      f"grid's configs are indistinguishable.**"]
-    else:
-        worse = [f"lr {c['lr']:g}/batch {c['batch_size']}" for c in tested if c["p_value"] < ALPHA]
-        lines += ["", f"Significantly different from the chosen one (p < {ALPHA}): {', '.join(worse)}."]
-    return lines
+    return lines + ["", f"**{comparison_verdict(s)}**"]
 
 
 def _refit(s: dict[str, Any]) -> list[str]:

@@ -94,6 +94,7 @@ class Selection:
     comparisons: list[dict[str, Any]]  # every other config vs the best one, corrected resampled t-test
     export: tuple[str, int] | None  # (trial, epoch) whose model is exported: the best config's best trial
     confusion: np.ndarray | None  # summed over the nested picks
+    test_train_ratio: float = 0.0  # mean n_test / n_train over the test folds (the interval's correction)
 
     @property
     def test_accuracies(self) -> list[float]:
@@ -109,6 +110,12 @@ class Selection:
 
     @property
     def ci95(self) -> tuple[float, float] | None:
+        """Corrected for the folds' overlapping training sets (Nadeau & Bengio)."""
+        return ci95(self.test_accuracies, self.test_train_ratio)
+
+    @property
+    def ci95_plain(self) -> tuple[float, float] | None:
+        """The plain t-interval over folds, too narrow here: for comparison only."""
         return ci95(self.test_accuracies)
 
 
@@ -201,4 +208,5 @@ def select(trials: Sequence[TrialHistory], folds: Sequence[int], fold_sizes: Map
     return Selection(per_fold=[p for p, _ in picks], configs=configs, best_config=best,
                      optimistic=pick_config(configs, "mean"),
                      comparisons=compare_configs(configs, best, folds, fold_sizes),
-                     export=export, confusion=summed_confusion([t for _, t in picks]))
+                     export=export, confusion=summed_confusion([t for _, t in picks]),
+                     test_train_ratio=holdout_ratio(folds, [p.fold for p, _ in picks], fold_sizes) if picks else 0.0)

@@ -18,15 +18,20 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
-def ci95(values: Sequence[float]) -> tuple[float, float] | None:
-    """95 % t-interval of the mean over folds: mean ± t(0.975, k-1) · s / √k (None for fewer than two folds)."""
+def ci95(values: Sequence[float], test_train_ratio: float = 0.0) -> tuple[float, float] | None:
+    """95 % t-interval of the mean over folds (None for fewer than two folds).
+
+    With ``test_train_ratio`` = n_test/n_train > 0, the interval of Nadeau & Bengio (2003):
+    mean ± t(0.975, k-1) · s · √(1/k + n_test/n_train), wider than the plain mean ± t · s / √k (ratio 0) because the
+    folds' training sets overlap, so the fold results are correlated.
+    """
     from scipy import stats
 
     k = len(values)
-    if k < 2:
+    if k < 2 or not math.isfinite(test_train_ratio):
         return None
     mean, std = mean_std(values)
-    half = float(stats.t.ppf(0.975, k - 1)) * std / math.sqrt(k)
+    half = float(stats.t.ppf(0.975, k - 1)) * std * math.sqrt(1 / k + test_train_ratio)
     return mean - half, mean + half
 
 

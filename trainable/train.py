@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from .checkpoint import TrainerState, load_best_weights, load_checkpoint, save_checkpoint, snapshot_weights
 from .config import TrainConfig
 from .data import class_names, drop_clips, load_metadata, split_folds
 from .errors import AstCvError
@@ -28,15 +27,18 @@ from .experiment import (
     BEST_TEST_ACCURACY,
     BEST_VAL_ACCURACY,
     EPOCH,
+    EPOCH_SECONDS,
     GRAD_ACCUM_STEPS,
     MICRO_BATCH_SIZE,
     OOM_FALLBACKS,
     SAMPLES_PER_SECOND,
     SELECTION_SCORE,
+    SETUP_SECONDS,
     TEST_ACCURACY,
     TEST_CONFUSION,
     TEST_LOSS,
     TRAIN_LOSS,
+    TRAIN_STEPS,
     VAL_ACCURACY,
     VAL_LOSS,
     selection_score,
@@ -48,6 +50,7 @@ from .oom import (
     free_cuda,
     with_oom_fallback,
 )
+from .storage import temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +123,43 @@ def optimizer_step(optimizer, scaler) -> None:
     raise failure
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro: MicroBatch) -> tuple[float, int, float]:
-    """Train over ``loader`` once. Returns (mean training loss, samples seen, seconds)."""
+@dataclass
+class EpochWatch:
+    """What happens inside an epoch, for TensorBoard and the console: each optimizer step's loss and learning rate
+    (averaged over windows, so an epoch keeps at most MAX_POINTS), and ``on_progress`` every ``every_s`` seconds."""
+
+    MAX_POINTS = 200
+    epoch: int
+    steps: int  # optimizer steps in the epoch
+    first_step: int  # the trial's global step number of the epoch's first optimizer step
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    every_s: float = 20.0
+    points: list[list[float]] = field(default_factory=list)  # [global step, loss, lr]
+    _window: list[float] = field(default_factory=list)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def step(self, i: int, loss: float, lr: float, seen: int, seconds: float) -> None:
+        self._window.append(loss)
+        stride = max(1, -(-self.steps // self.MAX_POINTS))
+        if len(self._window) >= stride or i == self.steps:
+            self.points.append([self.first_step + i - 1, sum(self._window) / len(self._window), lr])
+            self._window.clear()
+        now = time.perf_counter()
+        if self.on_progress is not None and now - self._last >= self.every_s:
+            self._last = now
+            self.on_progress({"epoch": self.epoch, "step": i, "steps": self.steps,
+                              "samples_per_s": seen / max(seconds, 1e-9), "time": time.time()})
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro: MicroBatch,
+                    watch: EpochWatch | None = None, max_steps: int = 0) -> tuple[float, int, float]:
+    """Train over ``loader`` once (``max_steps`` optimizer steps at most, when > 0). Returns (mean training loss,
+    samples seen, seconds)."""
     model.train()
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader, 1):
+        if max_steps and i > max_steps:
+            break
         loss = with_oom_fallback(
             lambda: train_step(model, x, y, optimizer, scaler, device, dtype, micro),
             micro,
@@ -132,6 +167,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro: Micr
         )
         loss_sum += loss * x.shape[0]
         seen += x.shape[0]
+        if watch is not None:
+            watch.step(i, loss, optimizer.param_groups[0]["lr"], seen, time.perf_counter() - start)
     return loss_sum / max(seen, 1), seen, time.perf_counter() - start
 
 
@@ -186,7 +223,7 @@ def dataset_source(config: TrainConfig):
     if config.feature_cache:
         from .cache import CachedDataset, FeatureCache
 
-        cache = FeatureCache.open(config, full)
+        cache = FeatureCache.open(config, full, workers=config.torch_threads or None)  # a trial's CPUs at most
         meta = drop_clips(full, {*config.skip_clips, *cache.excluded})
         return meta, classes, lambda rows: CachedDataset(cache, rows, classes)
     from .audio import ClipDataset
@@ -230,19 +267,57 @@ def make_loader(config: TrainConfig, dataset: Dataset, device: torch.device, **k
 Reporter = Callable[[dict[str, Any], Path], None]
 
 
-def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = None) -> TrainerState:
+def restore(restore_dir: str | Path, model, optimizer, scaler) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
+    """(trainer state, best weights so far) from a checkpoint, the model, optimizer and scaler restored in place."""
+    state = load_checkpoint(restore_dir, model, optimizer, scaler)
+    best = load_best_weights(restore_dir, model)
+    if best is None and state.best_epoch == state.epoch and not state.finished:  # a checkpoint without best/
+        best = snapshot_weights(model)
+    log.info("resumed after epoch %d from %s", state.epoch, restore_dir)
+    return state, best
+
+
+def epoch_metrics(epoch: int, train_loss: float, val, test, samples_per_second: float, micro: MicroBatch,
+                  state: TrainerState, watch: EpochWatch) -> dict[str, Any]:
+    """What an epoch reports (``val``, ``test``: evaluate's (loss, accuracy, confusion))."""
+    return {
+        EPOCH: epoch,
+        TRAIN_LOSS: train_loss,
+        VAL_LOSS: val[0],
+        VAL_ACCURACY: val[1],
+        SELECTION_SCORE: selection_score(val[1], epoch),
+        TEST_LOSS: test[0],
+        TEST_ACCURACY: test[1],
+        MICRO_BATCH_SIZE: micro.size,
+        GRAD_ACCUM_STEPS: micro.accum_steps,
+        SAMPLES_PER_SECOND: samples_per_second,
+        BEST_EPOCH: state.best_epoch,
+        BEST_VAL_ACCURACY: state.best_val_accuracy,
+        BEST_TEST_ACCURACY: state.best_test_accuracy,
+        OOM_FALLBACKS: micro.fallbacks,
+        TEST_CONFUSION: json.dumps(test[2].tolist()),
+        TRAIN_STEPS: watch.points,
+    }
+
+
+def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None) -> TrainerState:
     """Train for ``config.epochs`` epochs, calling ``report(metrics, checkpoint_dir)`` after each.
 
-    ``checkpoint_dir`` is a temporary folder holding the full checkpoint of that epoch; the reporter must copy
-    what it keeps before returning. With ``restore_dir``, training resumes exactly after that checkpoint's epoch.
+    ``checkpoint_dir`` is a temporary folder holding that epoch's checkpoint (``trainable.checkpoint``: the resume
+    point, except after the last epoch unless ``keep_checkpoints`` is "all", and the best epoch's weights); the
+    reporter must copy what it keeps before returning. With ``restore_dir``, training resumes exactly after that
+    checkpoint's epoch (a finished trial's checkpoint: nothing is left to do). ``on_progress`` hears from inside
+    each epoch every 20 s (step, samples/s).
     """
+    started = time.perf_counter()
     prepare_process(config)
     data = build_datasets(config)
     device, dtype, model, optimizer, scaler = training_objects(config, data.classes)
     state = TrainerState(micro_batch_size=config.batch_size, config=config.to_dict())
+    best = None  # the best epoch's weights so far (float16, CPU)
     if restore_dir is not None:
-        state = load_checkpoint(restore_dir, model, optimizer, scaler)
-        log.info("resumed after epoch %d from %s", state.epoch, restore_dir)
+        state, best = restore(restore_dir, model, optimizer, scaler)
     micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
     log.info(
         "fold %d (val %s): %d train / %d val / %d test clips on %s%s",
@@ -252,39 +327,31 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     generator = torch.Generator()
     train_loader = make_loader(config, data.train, device, shuffle=True, generator=generator)
     val_loader, test_loader = make_loader(config, data.val, device), make_loader(config, data.test, device)
+    setup_seconds = time.perf_counter() - started
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
+        epoch_start = time.perf_counter()
         generator.manual_seed(trial_seed(config) * 100 + epoch)  # same shuffle whether resumed or not
-        train_loss, seen, seconds = train_one_epoch(model, train_loader, optimizer, scaler, device, dtype, micro)
-        val_loss, val_acc, _ = evaluate(model, val_loader, device, dtype, micro, len(data.classes))
-        test_loss, test_acc, confusion = evaluate(model, test_loader, device, dtype, micro, len(data.classes))
-        if selection_score(val_acc, epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
-            state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val_acc, test_acc
-        metrics = {
-            EPOCH: epoch,
-            TRAIN_LOSS: train_loss,
-            VAL_LOSS: val_loss,
-            VAL_ACCURACY: val_acc,
-            SELECTION_SCORE: selection_score(val_acc, epoch),
-            TEST_LOSS: test_loss,
-            TEST_ACCURACY: test_acc,
-            MICRO_BATCH_SIZE: micro.size,
-            GRAD_ACCUM_STEPS: micro.accum_steps,
-            SAMPLES_PER_SECOND: seen / max(seconds, 1e-9),
-            BEST_EPOCH: state.best_epoch,
-            BEST_VAL_ACCURACY: state.best_val_accuracy,
-            BEST_TEST_ACCURACY: state.best_test_accuracy,
-            OOM_FALLBACKS: micro.fallbacks,
-            TEST_CONFUSION: json.dumps(confusion.tolist()),
-        }
+        steps = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
+        watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress)
+        train_loss, seen, seconds = train_one_epoch(model, train_loader, optimizer, scaler, device, dtype, micro, watch,
+                                                    config.max_steps_per_epoch)
+        val = evaluate(model, val_loader, device, dtype, micro, len(data.classes))
+        test = evaluate(model, test_loader, device, dtype, micro, len(data.classes))
+        if selection_score(val[1], epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
+            state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
+            best = snapshot_weights(model)
+        metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
         state.epoch, state.micro_batch_size = epoch, micro.size
         state.history.append(metrics)
         log.info(
             "epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)",
-            epoch, config.epochs, train_loss, val_acc, test_acc, metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps,
+            epoch, config.epochs, train_loss, val[1], test[1], metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps,
         )
-        with tempfile.TemporaryDirectory(prefix="astcv-ckpt-") as tmp:
-            save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames)
+        resumable = epoch < config.epochs or config.keep_checkpoints == "all"
+        with temp_dir("ckpt") as tmp:
+            save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames, best, resumable)
+            metrics.update({EPOCH_SECONDS: time.perf_counter() - epoch_start, SETUP_SECONDS: setup_seconds})
             report(metrics, Path(tmp))
     return state
 

@@ -6,23 +6,73 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checkpoint import older_checkpoints, pick_restore_point
+from .checkpoint import pick_restore_point
 from .config import TrainConfig
 from .experiment import CUDA_VISIBLE_DEVICES, NODE_ID
+from .storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
 
 log = logging.getLogger(__name__)
 
 
-def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any]) -> None:
-    """Ray Tune entry point: one fold x config. ``base`` holds the fixed settings, ``trial_config`` the grid.
+def restore_candidates(checkpoint) -> list[tuple[Any, str]]:
+    """(filesystem, path) of the trial's checkpoints, newest first: the one Ray restores from, then the other
+    ``checkpoint_*`` folders beside it (Ray's experiment snapshot may name one that was deleted since)."""
+    import pyarrow.fs as pafs
 
-    Resumes from the trial's latest checkpoint; if that one is damaged (a kill during a write), from the newest
-    older one that is intact, else from scratch, with a warning each time.
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent = path.rsplit("/", 1)[0]
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
+    except OSError:
+        infos = []
+    siblings = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                       and i.path.rstrip("/") != path), reverse=True)
+    return [(fs, path), *((fs, p) for p in siblings)]
+
+
+def local_copy(fs, path: str, stack: ExitStack) -> Path | None:
+    """The checkpoint folder on this machine: itself on a local filesystem, else a temporary copy removed when
+    ``stack`` closes. None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(path)
+    tmp = Path(stack.enter_context(temp_dir("restore")))
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp
+
+
+def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:
+    """The newest intact checkpoint of the trial on this machine, warning about each damaged or missing one."""
+    for fs, path in restore_candidates(checkpoint):
+        local = local_copy(fs, path, stack)
+        if local is None:
+            log.warning("checkpoint %s is missing; trying an older one", path)
+            continue
+        chosen, warnings = pick_restore_point([local])
+        for w in warnings:
+            log.warning(w)
+        if chosen is not None:
+            return chosen
+    log.warning("no usable checkpoint for this trial: restarting it from scratch")
+    return None
+
+
+def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: str = "", board: str | None = None) -> None:
+    """Ray Tune entry point: one fold x config. ``base`` holds the fixed settings, ``trial_config`` the grid,
+    ``exp_dir`` the experiment folder (named when the disk is full), ``board`` the name of the actor that takes
+    in-epoch progress to the driver's console.
+
+    Resumes from the trial's latest checkpoint; if that one is damaged (a kill during a write) or gone, from the
+    newest older one that is intact, else from scratch, with a warning each time. A full disk ends the trial with
+    ``StorageFull``, which the driver turns into one message and a stop of the whole run.
     """
     import ray
     import torch
@@ -31,30 +81,41 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any]) -> None:
     from .train import fit
 
     config = TrainConfig.from_dict({**base, **trial_config})
+    sweep_temp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     placement = {NODE_ID: ray.get_runtime_context().get_node_id(),
                  CUDA_VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     if placement[CUDA_VISIBLE_DEVICES] and not torch.cuda.is_available():
         log.warning("Ray assigned GPU(s) %s but torch sees no CUDA device: training on CPU", placement[CUDA_VISIBLE_DEVICES])
+    name = tune.get_context().get_trial_name() or ""
+    trial_dir = join(exp_dir, name) if exp_dir else "the storage path"
+
+    def on_progress(message: dict[str, Any]) -> None:
+        try:
+            ray.get_actor(board).post.remote(name, message)
+        except (TypeError, ValueError):  # no board (None), or gone: the console misses one line
+            pass
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
-        tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        try:
+            tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise StorageFull(trial_dir, "a checkpoint could not be saved") from exc
+            raise
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        fit(config, report)
-        return
-    with checkpoint.as_directory() as restored:
-        local = Path(tempfile.mkdtemp(prefix="astcv-restore-"))
-        shutil.copytree(restored, local / "latest", dirs_exist_ok=True)
-    try:
-        stored = Path(checkpoint.path)
-        candidates = [local / "latest"] + (older_checkpoints(stored) if stored.is_dir() else [])
-        chosen, warnings = pick_restore_point(candidates)
-        for w in warnings:
-            log.warning(w)
-        if chosen is None:
-            log.warning("no usable checkpoint for this trial: restarting it from scratch")
-        fit(config, report, restore_dir=chosen)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+    with ExitStack() as stack:
+        checkpoint = tune.get_checkpoint()
+        restore = choose_restore_point(checkpoint, stack) if checkpoint is not None else None
+        try:
+            fit(config, report, restore_dir=restore, on_progress=on_progress)
+        except StorageFull:
+            raise
+        except Exception as exc:
+            if is_disk_full(exc):  # the local temporary checkpoint or the feature cache could not be written
+                where = str(getattr(exc, "filename", None) or tempfile.gettempdir())
+                if where.startswith(tempfile.gettempdir()):
+                    where = tempfile.gettempdir()
+                raise StorageFull(where, "a local file could not be written",
+                                  "TMPDIR=/a/larger/disk" if where == tempfile.gettempdir() else "--cache-dir on a larger disk") from exc
+            raise

@@ -1,38 +1,56 @@
 """Running a Plan with Ray Tune: start or join Ray, build (or restore) the Tuner over the grid, print one line per
-epoch result. With ``trainable.trial``, the only modules of the project that import Ray.
+epoch result, and stop the whole run at once when the disk fills. With ``trainable.trial``, the only modules of the
+project that import Ray.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
+import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .experiment import EPOCH, SAMPLES_PER_SECOND, SELECTION_SCORE, TEST_ACCURACY, VAL_ACCURACY, trial_dirname
+from .checkpoint import SIMULATE_DISK_FULL_ENV
+from .errors import AstCvError
+from .experiment import EPOCH, expected_trials, tensorboard_scalars, trial_dirname
 from .plan import GRID_KEYS, Plan
+from .progress import Progress, TrialView
+from .storage import StorageFull, free_bytes, human_bytes, is_disk_full
 
 # Driver-side Ray settings for the Tuner's run (restored afterwards): no usage stats, no sync-time warnings, and the
 # classic console output (Tune's new one prints boxes and a TensorBoard path into /tmp/ray); --debug keeps Ray's own.
 DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0"}
+QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
+QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their errors and warnings are ours to word, unless --debug
+POLL_S = 5.0  # how often the driver collects the trials' in-epoch progress
 # Variables the trials need from the driver's environment (runtime env of every Ray worker).
-PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "ASTCV_SIMULATE_OOM_IN_STEP")
+PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "ASTCV_SIMULATE_OOM_IN_STEP",
+                    SIMULATE_DISK_FULL_ENV)
 
 
 @contextmanager
 def driver_env(debug: bool) -> Iterator[None]:
-    """Set DRIVER_ENV (and QUIET_ENV unless ``debug``) where the user has not, for the block only."""
+    """Set DRIVER_ENV (and QUIET_ENV unless ``debug``) where the user has not, and quiet Ray's loggers, for the
+    block only."""
     wanted = {**DRIVER_ENV, **({} if debug else QUIET_ENV)}
     added = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(added)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    if not debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         for k in added:
             os.environ.pop(k, None)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def trial_name(trial) -> str:
@@ -40,47 +58,129 @@ def trial_name(trial) -> str:
     return trial_dirname(c["test_fold"], c["lr"], c["batch_size"])
 
 
-def make_progress_callback(total: int, epochs: int):
-    """A Tune callback printing one line per epoch result and per finished/failed trial, instead of Ray's tables."""
+@dataclass
+class Outcome:
+    """How a Tuner run ended: trials that failed for good, and whether it stopped before every trial was done."""
+
+    failed: int
+    interrupted: bool
+
+
+def _error_text(trial) -> str:
+    try:
+        return Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
+    except OSError:
+        return ""
+
+
+def views(trials) -> list[TrialView]:
+    return [TrialView(trial_name(t), t.status, int((t.last_result or {}).get(EPOCH, 0)), dict(t.last_result or {}))
+            for t in trials]
+
+
+def make_callback(plan: Plan, progress: Progress, board_name: str | None = None):
+    """The Tune callback: progress lines (``trainable.progress``) and the storage watch.
+
+    A trial that failed on a full disk, or free space at a local storage path below what the next checkpoint needs,
+    stops the whole run (raising StorageFull through Tune): every other trial would fail the same way.
+    """
     from ray import tune
 
-    class Progress(tune.Callback):
-        def __init__(self):
-            self.start = time.time()
-            self.best = (-1.0, "")
-            self.completed: set[str] = set()  # trial ids whose completion was reported (status may lag)
+    import ray
 
+    local = plan.store.local_path
+    next_write = plan.footprint.checkpoint_bytes if plan.footprint else 0
+    polled = [0.0]
+
+    class Watch(tune.Callback):
         def setup(self, **info):
-            self.start = time.time()
+            progress.start()
 
-        def _counts(self, trials) -> str:
-            states = ["TERMINATED" if t.trial_id in self.completed else t.status for t in trials]
-            return (f"{states.count('TERMINATED')}/{total} done, {states.count('RUNNING')} running, "
-                    f"{states.count('PENDING')} pending" + (f", {states.count('ERROR')} failed" if "ERROR" in states else ""))
+        def on_step_begin(self, iteration, trials, **info):
+            if board_name is None or time.time() - polled[0] < POLL_S:
+                return
+            polled[0] = time.time()
+            try:
+                progress.poll(views(trials), ray.get(ray.get_actor(board_name).drain.remote(), timeout=POLL_S))
+            except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                pass
 
-        def _stamp(self) -> str:
-            s = int(time.time() - self.start)
-            return f"[{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}]"
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.trial_started(trial_name(trial), views(trials))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if VAL_ACCURACY not in result:
-                return
-            name = trial_name(trial)
-            if result[VAL_ACCURACY] > self.best[0]:
-                self.best = (result[VAL_ACCURACY], name)
-            print(f"{self._stamp()} {name} epoch {result[EPOCH]}/{epochs}: val_acc {result[VAL_ACCURACY]:.3f} "
-                  f"test_acc {result[TEST_ACCURACY]:.3f} ({result[SAMPLES_PER_SECOND]:.0f} samples/s) | "
-                  f"{self._counts(trials)} | best val_acc {self.best[0]:.3f} ({self.best[1]})", flush=True)
+            progress.result(trial_name(trial), result, views(trials))
+            if local is not None and next_write:
+                free = free_bytes(local)
+                if free is not None and free < next_write:
+                    raise StorageFull(local, f"the next checkpoint needs about {human_bytes(next_write)}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.completed.add(trial.trial_id)
-            print(f"{self._stamp()} {trial_name(trial)} finished | {self._counts(trials)}", flush=True)
+            progress.trial_finished(trial_name(trial), views(trials))
+
+        def _failure(self, trial, trials, final: bool):
+            full = StorageFull.from_error_text(_error_text(trial), str(local or plan.exp_dir))
+            if full is not None:
+                raise full
+            progress.trial_failed(trial_name(trial), trial.local_path, views(trials), final)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._failure(trial, trials, final=False)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"{self._stamp()} {trial_name(trial)} FAILED (see {trial.local_path}/error.txt) | "
-                  f"{self._counts(trials)}", flush=True)
+            self._failure(trial, trials, final=True)
 
-    return Progress()
+    return Watch()
+
+
+def tensorboard_callback():
+    """TensorBoard events in each trial's folder under clear names (train/loss and train/lr per optimizer step;
+    val/accuracy, test/accuracy, ... per epoch) in place of Ray's, which logs its internal counters too."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    class TensorBoard(TBXLoggerCallback):  # a TBXLoggerCallback subclass: Ray adds no logger of its own then
+        def log_trial_result(self, iteration, trial, result):
+            if trial not in self._trial_writer:
+                self.log_trial_start(trial)
+            writer = self._trial_writer[trial]
+            if EPOCH in result:
+                for tag, value, step in tensorboard_scalars(result):
+                    writer.add_scalar(tag, value, global_step=step)
+                writer.flush()
+
+        def log_trial_end(self, trial, failed: bool = False):
+            if trial in self._trial_writer:
+                self._trial_writer.pop(trial).close()
+                self._trial_result.pop(trial, None)
+
+    return TensorBoard()
+
+
+def progress_board(name: str):
+    """A named actor the trials post their in-epoch progress to and the driver drains (trials' own output stays in
+    their logs: the console shows our lines only). By name, not by handle: Tune pickles its callbacks with the
+    experiment, and a handle would not outlive this Ray session."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Board:
+        def __init__(self):
+            self.items: list[tuple[str, dict]] = []
+
+        def post(self, name: str, message: dict) -> None:
+            self.items = (self.items + [(name, message)])[-1000:]
+
+        def drain(self) -> list[tuple[str, dict]]:
+            items, self.items = self.items, []
+            return items
+
+    return Board.options(name=name).remote()
+
+
+def checkpoint_config(tune, keep: str):
+    """What Ray keeps of each trial's checkpoints: "best" the latest only (it carries the best weights, see
+    ``trainable.checkpoint``), "all" every one."""
+    return tune.CheckpointConfig(num_to_keep=1 if keep == "best" else None)
 
 
 def ray_init_args(plan: Plan, debug: bool) -> dict[str, Any]:
@@ -96,40 +196,78 @@ def ray_init_args(plan: Plan, debug: bool) -> dict[str, Any]:
     return init
 
 
-def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> int:
-    """Start or join Ray, run (or restore) the Tuner. Returns the number of failed trials."""
+def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, max_failures: int):
+    grid = {**plan.grid, "test_fold": list(test_folds)}
+    return tune.Tuner(
+        trainable,
+        param_space={k: tune.grid_search(v) for k, v in grid.items()},
+        tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0, callbacks=callbacks,
+            checkpoint_config=checkpoint_config(tune, plan.config.keep_checkpoints),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def fit(tuner, plan: Plan) -> None:
+    """``tuner.fit()``; a full disk becomes StorageFull, a damaged error file of Ray's is not our failure."""
+    try:
+        tuner.fit()
+    except (pickle.UnpicklingError, EOFError):
+        pass  # Tune's result grid could not read a damaged error file; the callback counted the trials
+    except Exception as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, StorageFull):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # ours, raised by the callback (Tune may wrap it)
+            raise cause from None
+        if is_disk_full(exc):
+            raise StorageFull(plan.store.local_path or plan.exp_dir) from exc
+        raise
+
+
+def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Outcome:
+    """Start or join Ray; continue the recorded Ray run (restore), then start the trials of test folds not run yet
+    (all of them for a new experiment). Raises StorageFull when the disk fills."""
     import ray
     from ray import tune
 
     from .trial import tune_trial
 
+    progress = Progress(list(expected_trials(plan.grid)), plan.finished, plan.config.epochs, plan.resources.slots())
     with driver_env(debug):
-        ray.init(**ray_init_args(plan, debug))
         try:
-            trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.trial_base), plan.resources.as_ray())
-            if plan.restore and tune.Tuner.can_restore(plan.exp_dir):
-                print(f"Resuming {plan.exp_dir}: finished trials are kept, the others continue from their last checkpoint.",
-                      flush=True)
-                tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
-            else:
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space={k: tune.grid_search(v) for k, v in plan.grid.items()},
-                    tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name),
-                    run_config=tune.RunConfig(
-                        name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0,
-                        callbacks=[make_progress_callback(plan.trials, plan.config.epochs)],
-                        # Ranked by the score the reducer selects epochs by: the chosen epoch's checkpoint is kept.
-                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SELECTION_SCORE,
-                                                                checkpoint_score_order="max"),
-                        failure_config=tune.FailureConfig(max_failures=max_failures),
-                    ),
-                )
-            n_f, n_lr, n_bs = (len(plan.grid[k]) for k in GRID_KEYS)
+            ray.init(**ray_init_args(plan, debug))
+        except ConnectionError as exc:
+            raise AstCvError(f"Cannot connect to the Ray cluster at --address {plan.resources.address}: "
+                             f"{str(exc).splitlines()[0].rstrip('.')}. Start it with 'ray start --head' or leave --address out.") from None
+        try:
+            board = f"astcv-progress-{uuid.uuid4().hex[:8]}"
+            progress_board(board)
+            trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir,
+                                                                 board=board), plan.resources.as_ray())
+            callbacks = [make_callback(plan, progress, board), tensorboard_callback()]
             r = plan.resources
-            print(f"Running {plan.trials} trials ({n_f} fold{'s' * (n_f != 1)} x {n_lr} learning rate{'s' * (n_lr != 1)} x "
-                  f"{n_bs} batch size{'s' * (n_bs != 1)}), {r.cpus_per_trial:g} CPU + {r.gpus_per_trial:g} GPU each, "
-                  f"into {plan.exp_dir}", flush=True)
-            return tuner.fit().num_errors
+            print(f"Running {plan.trials} trials ({describe_grid(plan.grid)}), {r.cpus_per_trial:g} CPU + "
+                  f"{r.gpus_per_trial:g} GPU each, into {plan.exp_dir}", flush=True)
+            new_folds = plan.grid["test_fold"]
+            if plan.restore and tune.Tuner.can_restore(plan.exp_dir):
+                print(f"Resuming {plan.exp_dir}: finished trials are kept, the others continue from their last "
+                      f"checkpoint.", flush=True)
+                tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
+                tuner._local_tuner._run_config.callbacks = callbacks  # else the pickled ones of the first run
+                fit(tuner, plan)
+                new_folds = plan.new_test_folds
+            earlier = [n for n, (f, _, _) in expected_trials(plan.grid).items() if f not in new_folds]
+            if new_folds and not progress.failed and progress.done(earlier):
+                fit(new_tuner(tune, plan, trainable, new_folds, callbacks, debug, max_failures), plan)
+            return Outcome(failed=progress.failed, interrupted=not progress.all_done)
         finally:
             ray.shutdown()
+
+
+def describe_grid(grid) -> str:
+    n_f, n_lr, n_bs = (len(grid[k]) for k in GRID_KEYS)
+    return (f"{n_f} fold{'s' * (n_f != 1)} x {n_lr} learning rate{'s' * (n_lr != 1)} x "
+            f"{n_bs} batch size{'s' * (n_bs != 1)}")

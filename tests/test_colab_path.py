@@ -1,0 +1,247 @@
+"""The Colab path and the second review (issue 18): resume from the manifest, the model resolved before Ray, time and
+progress, TensorBoard names, Ctrl-C, and the review's bugs, each with a test that failed before its fix."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import orchestrate
+from trainable.data import US8K_FOLD_SIZES
+from trainable.experiment import trial_dirname, write_manifest
+from trainable.progress import Estimate, Progress, TrialView, eta_seconds
+from trainable.reduce import summarize
+from trainable.report import comparison_verdict, render_report
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def demo_args(demo_assets, storage, name, *extra):
+    data, model = demo_assets
+    return ["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3", "--test-folds", "1",
+            "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "2", "--num-workers", "0", "--gpus", "0",
+            "--storage-path", str(storage), "--name", name, *extra]
+
+
+# ---------------------------------------------------------------- flags refused before anything is written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lrs", "nan"], "--lrs must be finite numbers > 0 (got nan)"),
+    (["--lrs", "inf"], "--lrs must be finite numbers > 0 (got inf)"),
+    (["--weight-decay", "inf"], "weight_decay must be a finite number (got inf)"),
+    (["--lrs", "1e-5", "1.00000001e-5"], "are too close"),
+])
+def test_bad_grid_values_are_one_line_and_write_nothing(synth_root, tiny_ast_1024, tmp_path, capsys, flags, message):
+    assert orchestrate.main(demo_args((synth_root, tiny_ast_1024), tmp_path, "bad") + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()  # no manifest to block the corrected command
+
+
+def test_repeated_grid_values_are_one_trial_each():
+    from argparse import Namespace
+
+    from search_spaces import SPACES
+    from trainable.plan import build_grid
+
+    args = Namespace(folds=None, test_folds=None, lrs=[1e-3, 1e-3, 5e-5], batch_sizes=[8, 8, 16])
+    grid, _, _ = build_grid(SPACES["card"], args)
+    assert grid["lr"] == [5e-5, 1e-3] and grid["batch_size"] == [8, 16]
+
+
+def test_an_unknown_model_is_one_line_in_seconds_and_blocks_nothing(synth_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub cannot be reached (as offline, or a typo'd id)
+    args = demo_args((synth_root, "x"), tmp_path, "typo")
+    args[args.index("--model") + 1] = "demo/tiny-astt"
+    start = time.time()
+    assert orchestrate.main(args) == 2
+    err = capsys.readouterr().err
+    assert time.time() - start < 60 and "Cannot get model 'demo/tiny-astt'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "typo").exists()  # no trial folder, no manifest: the corrected command runs under this name
+
+
+def test_help_shows_num_frames_auto_and_every_flag_explained(capsys):
+    with pytest.raises(SystemExit):
+        orchestrate.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--num-frames NUM_FRAMES" in out and "(default: auto)" in out
+    for flag in ("--keep-checkpoints", "--no-space-check", "--resume", "--test-folds"):
+        assert flag in out
+
+
+# ---------------------------------------------------------------- resume from the manifest
+
+
+def test_continuing_reads_the_manifest_applies_changeable_flags_and_names_the_others(tmp_path):
+    from argparse import Namespace
+
+    from trainable.plan import continued_values
+
+    manifest = {"base_config": {"data_root": "/data", "model": "/m", "epochs": 5, "folds": [1, 2, 3, 4], "num_workers": 2,
+                                "num_frames": 400, "feature_cache": "/c"},
+                "grid": {"test_fold": [1, 2], "lr": [1e-5], "batch_size": [8]}}
+    none = Namespace(folds=None, test_folds=None, lrs=None, batch_sizes=None)
+    values, grid, added = continued_values(manifest, {}, none, None, "/runs/x")
+    assert values["data_root"] == "/data" and grid["test_fold"] == [1, 2] and added == []
+    values, grid, added = continued_values(manifest, {"num_workers": 0, "num_frames": "auto"},
+                                           Namespace(folds=None, test_folds=[1, 2, 3], lrs=None, batch_sizes=None),
+                                           None, "/runs/x")
+    assert values["num_workers"] == 0 and grid["test_fold"] == [1, 2, 3] and added == [3]
+    with pytest.raises(Exception) as refused:
+        continued_values(manifest, {"epochs": 9, "data_root": "/other"},
+                         Namespace(folds=None, test_folds=[1], lrs=[1e-3], batch_sizes=None), None, "/runs/x")
+    text = str(refused.value)
+    for named in ("--epochs (recorded 5, now 9)", "--data-root", "--lrs", "--test-folds"):
+        assert named in text
+
+
+# ---------------------------------------------------------------- the console says what the report says
+
+
+def _summary_with(p_values, folds=4):
+    comps = [{"lr": 1e-4 * (i + 1), "batch_size": 8, "mean_difference": -0.119, "t": -2.0, "p_value": p, "folds": folds}
+             for i, p in enumerate(p_values)]
+    return {"comparisons": comps, "best_config": {"lr": 1e-3, "batch_size": 8, "mean": 0.7, "std": 0.05,
+                                                  "mean_val_accuracy": 0.7, "folds": list(range(folds))}}
+
+
+def test_comparison_wording_is_one_function_and_never_says_indistinguishable():
+    assert comparison_verdict(_summary_with([0.0])).startswith("Significantly different")  # p = 0.0 is not 'no p'
+    assert comparison_verdict(_summary_with([None])).startswith("With fewer than two common folds")
+    low = comparison_verdict(_summary_with([0.09], folds=4))
+    assert "no significant difference" in low.lower() and "4 folds" in low and "low power" in low
+    assert "indistinguishable" not in low
+    s = {**_summary_with([0.09]), "per_fold": [], "mean": None, "std": None, "complete": True, "configs": [],
+         "optimistic": None, "per_class_accuracy": None, "confusion_matrix": None, "classes": [], "command": ["x"],
+         "seed": 0, "git_commit": None, "versions": {}}
+    assert low in render_report(s)
+
+
+def test_headline_interval_is_corrected_for_overlapping_training_sets():
+    from trainable.select import holdout_ratio
+    from trainable.stats import ci95
+
+    acc = [0.70, 0.74, 0.68, 0.77, 0.72, 0.81, 0.69, 0.75, 0.73, 0.71]
+    folds = list(range(1, 11))
+    ratio = holdout_ratio(folds, folds, US8K_FOLD_SIZES)
+    plain, corrected = ci95(acc), ci95(acc, ratio)
+    widen = (corrected[1] - corrected[0]) / (plain[1] - plain[0])
+    assert widen == pytest.approx(math.sqrt(1 + 10 * ratio)) and 1.45 < widen < 1.55  # 2.76 -> 4.14 points
+
+
+def test_summary_json_is_strict_json(tmp_path):
+    exp = tmp_path / "exp"
+    write_manifest(exp, base_config={"epochs": 1, "seed": 0, "folds": [1, 2, 3]},
+                   grid={"test_fold": [1, 2, 3], "lr": [1e-3], "batch_size": [8]}, classes=["a", "b"], command=["x"])
+    d = exp / trial_dirname(1, 1e-3, 8)
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps({"test_fold": 1, "lr": 1e-3, "batch_size": 8}))
+    (d / "result.json").write_text(json.dumps({"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.5, "val_loss": float("nan")}) + "\n")
+    summarize(exp)
+    text = (exp / "summary.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # one fold: std and ci95 are null
+
+
+# ---------------------------------------------------------------- time
+
+
+def test_eta_from_measured_epochs_startups_and_slots():
+    est = Estimate(epoch_s=[60.0], session_overhead_s=20.0)
+    trials = [TrialView("a", "TERMINATED", 5), TrialView("b", "RUNNING", 2), TrialView("c", "PENDING", 0),
+              TrialView("d", "PENDING", 0)]
+    # b: 3 epochs left (180 s, 30 s of the current one done); c, d: 5 epochs + a start each (320 s); one at a time
+    assert eta_seconds(trials, 5, 1, est, {"b": 30.0}) == pytest.approx(150 + 2 * 320)
+    assert eta_seconds(trials, 5, 2, est, {"b": 30.0}) == pytest.approx((150 + 640) / 2)
+    assert eta_seconds(trials, 5, 8, est) == pytest.approx(320)  # never less than the longest single trial's rest
+    assert eta_seconds(trials, 5, 1, Estimate()) is None  # nothing measured yet
+
+
+def test_eta_is_right_after_a_resume_from_the_trials_last_results():
+    lines = []
+    p = Progress(["a", "b", "c"], {"a"}, epochs=4, slots=1, out=lambda *a, **k: lines.append(a[0]))
+    p.seed([TrialView("b", "PAUSED", 2, {"epoch_seconds": 100.0, "setup_seconds": 10.0})])
+    assert p.est.epoch == 100.0 and p.est.startup == 10.0
+    assert eta_seconds(p.trials, 4, 1, p.est) == pytest.approx(2 * 100 + 10 + 4 * 100 + 10)  # b continues, c starts
+
+
+def test_in_epoch_progress_line_when_nothing_was_said_for_a_minute():
+    lines = []
+    p = Progress(["a"], set(), epochs=2, slots=1, out=lambda *a, **k: lines.append(a[0]))
+    p.seed([TrialView("a", "RUNNING", 0)])
+    p.poll([TrialView("a", "RUNNING", 0)], [("a", {"epoch": 1, "step": 10, "steps": 100, "samples_per_s": 3.0, "time": 1})])
+    assert lines == []  # a line came less than a minute ago (the start)
+    p.last_line -= 61
+    p.poll([TrialView("a", "RUNNING", 0)], [("a", {"epoch": 1, "step": 40, "steps": 100, "samples_per_s": 3.2, "time": 2})])
+    assert len(lines) == 1 and "step 40/100" in lines[0] and "3 samples/s" in lines[0]
+
+
+@pytest.mark.slow
+def test_progress_eta_tensorboard_names_and_a_resume_without_data_root(demo_assets, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert orchestrate.main(demo_args(demo_assets, tmp_path, "eta", "--test-folds", "1", "2")) == 0
+    out = capsys.readouterr().out
+    epoch_lines = [line for line in out.splitlines() if " epoch " in line and "val_acc" in line]
+    assert epoch_lines and all("| ETA " in line for line in epoch_lines)
+    assert "Estimate: the grid needs about" in out
+    trial = tmp_path / "eta" / trial_dirname(1, 1e-3, 8)
+    events = EventAccumulator(str(trial))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/accuracy", "val/loss", "test/accuracy", "test/loss"} <= tags
+    assert not [t for t in tags if t.startswith("ray/")]  # Ray's counters out of sight
+    assert len(events.Scalars("train/loss")) > len(events.Scalars("val/accuracy")) == 2  # per step vs per epoch
+    assert orchestrate.main(["--resume", "--storage-path", str(tmp_path), "--name", "eta", "--gpus", "0"]) == 0
+    assert "Resuming" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_exit_status_130(demo_assets, tmp_path):
+    args = demo_args(demo_assets, tmp_path, "stop", "--test-folds", "1", "2", "3", "--epochs", "3")
+    proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((tmp_path / "stop").glob("fold*/result.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("Interrupted: finished trials and epoch checkpoints are kept")
+    assert "Tuner.restore" not in out + err and "Traceback" not in out + err and "FileNotFoundError" not in out + err
+
+
+# ---------------------------------------------------------------- --no-cache finds unusable clips first
+
+
+@pytest.mark.slow
+def test_no_cache_leaves_out_unusable_clips_found_before_trials(synth_root, demo_assets, tmp_path, capsys):
+    import shutil
+
+    import soundfile as sf
+
+    from trainable.data import load_metadata
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    meta = load_metadata(data)
+    name = meta.loc[meta["fold"] == 2, "slice_file_name"].iloc[0]
+    sf.write(str(data / "audio" / "fold2" / name), np.array([0.1, np.nan] * 2000, dtype=np.float32), 16000,
+             subtype="FLOAT")
+    args = ["--data-root", str(data), "--model", str(demo_assets[1]), "--folds", "1", "2", "3", "--test-folds", "1",
+            "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "1", "--num-workers", "0", "--gpus", "0", "--no-cache",
+            "--storage-path", str(tmp_path / "runs"), "--name", "nocache"]
+    assert orchestrate.main(args) == 0
+    captured = capsys.readouterr()
+    assert "1 clip(s) cannot be used" in captured.err and f"fold2/{name}" in captured.err
+    summary = json.loads((tmp_path / "runs" / "nocache" / "summary.json").read_text())
+    assert list(summary["skipped_clips"]) == [f"fold2/{name}"] and summary["complete"]

@@ -1,0 +1,380 @@
+"""Storage at the users' scale (issue 17): what a trial keeps, full disks, the lock, URI storage, the non-Ray best/."""
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ASTForAudioClassification
+
+from trainable.checkpoint import SIMULATE_DISK_FULL_ENV, TrainerState, save_checkpoint, snapshot_weights
+from trainable.config import TrainConfig
+from trainable.errors import AstCvError
+from trainable.experiment import trial_dirname, write_manifest
+from trainable.footprint import Footprint
+from trainable.lock import LOCK, ExperimentLock
+from trainable.reduce import summarize
+from trainable.storage import StorageFull, is_disk_full
+from trainable.train import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def tiny_config(data_root, model, **kw):
+    values = dict(data_root=str(data_root), model=str(model), folds=(1, 2, 3, 4), test_fold=2, lr=1e-3, batch_size=8,
+                  epochs=3, num_frames=400, num_workers=0)
+    return TrainConfig.from_dict({**values, **kw})
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- what a trial keeps
+
+
+def test_a_finished_trial_keeps_half_precision_best_weights_and_no_optimizer_state(synth_root, tiny_ast_1024, tmp_path):
+    latest, seen = tmp_path / "latest", []
+
+    def keep_latest(metrics, ckpt):  # as Ray does with num_to_keep=1
+        seen.append(sorted(p.name for p in ckpt.iterdir()))
+        shutil.rmtree(latest, ignore_errors=True)
+        shutil.copytree(ckpt, latest)
+
+    state = fit(tiny_config(synth_root, tiny_ast_1024), keep_latest)
+    assert seen[0] == seen[1] == ["best", "config.json", "model.safetensors", "preprocessor_config.json",
+                                  "trainer_state.json", "training_state.pt"]  # a running trial can resume
+    assert seen[2] == ["best", "trainer_state.json"]  # a finished one keeps its best weights only
+    assert json.loads((latest / "best" / "best_epoch.json").read_text())["epoch"] == state.best_epoch
+    floating = [t for t in load_file(latest / "best" / "model.safetensors").values() if t.is_floating_point()]
+    assert floating and all(t.dtype == torch.float16 for t in floating)
+    assert ASTForAudioClassification.from_pretrained(latest / "best").dtype == torch.float32  # loads as float32
+    reports = []
+    again = fit(tiny_config(synth_root, tiny_ast_1024), lambda m, c: reports.append(m), restore_dir=latest)
+    assert reports == [] and again.epoch == 3  # a finished trial's checkpoint: nothing left to do
+
+
+def test_keep_all_keeps_the_resume_point_of_every_epoch(synth_root, tiny_ast_1024, tmp_path):
+    seen = []
+    fit(tiny_config(synth_root, tiny_ast_1024, epochs=2, keep_checkpoints="all"),
+        lambda m, c: seen.append((c / "training_state.pt").is_file()))
+    assert seen == [True, True]
+
+
+def test_a_finished_ast_base_trial_holds_under_0_45_gb_as_estimated(tmp_path):
+    from trainable.model import ast_base_config, count_parameters
+
+    config = ast_base_config(max_length=400, num_labels=10)
+    model = ASTForAudioClassification(config)
+    state = TrainerState(epoch=5, best_epoch=3, best_val_accuracy=0.8, config={"epochs": 5})
+    out = save_checkpoint(tmp_path / "final", model, None, None, state, 400, snapshot_weights(model), resumable=False)
+    size = folder_bytes(out)
+    assert size < 0.45e9 and not (out / "training_state.pt").exists()
+    config.save_pretrained(tmp_path / "cfg")
+    params = count_parameters(str(tmp_path / "cfg"), 10, 400)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert size == pytest.approx(Footprint(params, 1, 1, 5, "best").best_bytes, rel=0.02)
+
+
+# ---------------------------------------------------------------- full disks
+
+
+def test_disk_full_at_the_checkpoint_write_leaks_no_temporary_folder(synth_root, tiny_ast_1024, tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv(SIMULATE_DISK_FULL_ENV, "2")
+    reports = []
+    with pytest.raises(OSError) as raised:
+        fit(tiny_config(synth_root, tiny_ast_1024), lambda m, c: reports.append(m["epoch"]))
+    assert is_disk_full(raised.value) and reports == [1]
+    assert list(tmp.iterdir()) == []
+
+
+def test_storage_full_reaches_the_driver_through_rays_error_text():
+    exc = StorageFull("/runs/x", "a checkpoint could not be saved")
+    assert "/runs/x is full" in str(exc) and "run the same command again" in str(exc)
+    assert str(pickle.loads(pickle.dumps(exc))) == str(exc)
+    text = "ray::ImplicitFunc.train()\n" + "".join(traceback.format_exception(exc))
+    assert str(StorageFull.from_error_text(text, "/elsewhere")) == str(exc)
+    plain = StorageFull.from_error_text("OSError: [Errno 28] No space left on device", "/runs/y")
+    assert plain is not None and plain.path == "/runs/y"
+    assert StorageFull.from_error_text("ValueError: nothing to do with disks", "/runs/y") is None
+
+
+def _orchestrate(demo_assets, storage, name, *extra, env=None):
+    data, model = demo_assets
+    args = ["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3", "--test-folds", "1",
+            "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "3", "--num-workers", "0", "--gpus", "0",
+            "--storage-path", str(storage), "--name", name, *extra]
+    return subprocess.run([sys.executable, "orchestrate.py", *args], cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _epochs(trial: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_injected_disk_full_stops_in_one_line_and_the_rerun_finishes(demo_assets, tmp_path):
+    tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths live under TMPDIR
+    first = _orchestrate(demo_assets, tmp_path, "full", env={SIMULATE_DISK_FULL_ENV: "2", "TMPDIR": str(tmp)})
+    assert first.returncode == 2, first.stdout + first.stderr
+    last = first.stderr.strip().splitlines()[-1]  # progress lines before it (the feature cache) are not errors
+    assert last.startswith("error: ") and first.stderr.count("error:") == 1
+    assert "is full" in last and "run the same command again" in last
+    assert "Traceback" not in first.stdout + first.stderr
+    assert not list(tmp.glob("astcv-*"))  # no temporary checkpoint left behind (Ray keeps its session in ray/)
+    second = _orchestrate(demo_assets, tmp_path, "full", env={"TMPDIR": str(tmp)})
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Resuming" in second.stdout
+    assert _epochs(tmp_path / "full" / trial_dirname(1, 1e-3, 8)) == [1, 2, 3]  # epoch 1 was not redone
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MB filesystem (tmpfs), mounted when the tests run as root."""
+    path = tmp_path / "small"
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_stops_the_run_keeps_finished_trials_and_the_rerun_completes(demo_assets, small_disk):
+    args = ("--test-folds", "1", "2", "--epochs", "2", "--cpus-per-trial", "2", "--keep-checkpoints", "all",
+            "--no-space-check")
+    first = _orchestrate(demo_assets, small_disk, "exp", *args)
+    assert first.returncode == 2, first.stdout + first.stderr
+    assert f"{small_disk}/exp is full" in first.stderr and "Traceback" not in first.stdout + first.stderr
+    assert first.stderr.count("error:") == 1
+    exp = small_disk / "exp"
+    finished = {d.name: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.suffix != ".csv"}
+                for d in exp.glob("fold*") if (d / "result.json").is_file() and 2 in _epochs(d)}
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    second = _orchestrate(demo_assets, small_disk, "exp", *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["complete"] and summary["trials_finished"] == 2
+    for name, files in finished.items():  # finished trials were neither rerun nor damaged
+        for rel, data in files.items():
+            if rel.name != "params.json" and not rel.name.startswith("events."):
+                assert (exp / name / rel).read_bytes() == data, f"{name}/{rel} changed"
+
+
+def test_reducer_reads_the_grid_point_when_params_json_is_unreadable(tmp_path):
+    exp = tmp_path / "exp"
+    write_manifest(exp, base_config={"epochs": 1, "seed": 0, "folds": [1, 2, 3]},
+                   grid={"test_fold": [1, 2, 3], "lr": [1e-3], "batch_size": [8]}, classes=["a", "b"], command=["x"])
+    for fold in (1, 2, 3):
+        d = exp / trial_dirname(fold, 1e-3, 8)
+        d.mkdir()
+        row = {"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.2 * fold}
+        if fold == 1:
+            (d / "params.json").write_text(json.dumps({"test_fold": 1, "lr": 1e-3, "batch_size": 8}))
+        elif fold == 2:
+            (d / "params.json").write_text("")  # left at 0 bytes by a sync on a full disk
+            row["config"] = {"test_fold": 2, "lr": 1e-3, "batch_size": 8}
+        # fold 3: no params.json and no config in the rows: the folder's name says it
+        (d / "result.json").write_text(json.dumps(row) + "\n")
+    s = summarize(exp)
+    assert s["complete"] and [p["fold"] for p in s["per_fold"]] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- the lock
+
+CONTEND = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from trainable.lock import ExperimentLock
+from trainable.errors import AstCvError
+print("ready", flush=True)
+while not os.path.exists({go!r}):
+    time.sleep(0.0002)
+lock = ExperimentLock({folder!r})
+try:
+    lock.acquire()
+except AstCvError:
+    print("refused", flush=True)
+else:
+    print("held", flush=True)
+    time.sleep(0.3)  # long after the other one has tried
+    lock.__exit__(None, None, None)
+"""
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.slow
+def test_two_orchestrators_on_a_stale_lock_never_both_hold_it(tmp_path):
+    dead = _dead_pid()
+    for i in range(60):
+        folder = tmp_path / f"exp{i}"
+        folder.mkdir()
+        (folder / LOCK).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "refreshed": time.time()}))
+        go = tmp_path / f"go{i}"
+        code = CONTEND.format(root=str(ROOT), go=str(go), folder=str(folder))
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True) for _ in range(2)]
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        go.touch()  # both try at once
+        outcomes = sorted(p.communicate(timeout=30)[0].strip() for p in procs)
+        assert outcomes == ["held", "refused"], f"try {i}: {outcomes}"
+
+
+def _write_lock(folder: Path, host: str, age_s: float, pid: int = 4242) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK).write_text(json.dumps({"pid": pid, "host": host, "started": "2026-11-28T10:00:00",
+                                           "command": ["orchestrate.py", "--gpus", "1"], "refreshed": time.time() - age_s}))
+
+
+def test_a_reconnect_from_another_host_takes_over_once_the_lock_has_aged(tmp_path, caplog):
+    _write_lock(tmp_path, "colab-vm-that-went-away", age_s=10)
+    with pytest.raises(AstCvError) as refused:
+        ExperimentLock(tmp_path).acquire()
+    assert "colab-vm-that-went-away" in str(refused.value) and "run the same command again in 1" in str(refused.value)
+    _write_lock(tmp_path, "colab-vm-that-went-away", age_s=300)
+    with caplog.at_level("WARNING"):
+        with ExperimentLock(tmp_path):
+            assert json.loads((tmp_path / LOCK).read_text())["host"] == socket.gethostname()
+    assert "colab-vm-that-went-away" in caplog.text and "not refreshed it for 30" in caplog.text
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_an_empty_lock_follows_the_same_staleness_rule(tmp_path, caplog):
+    (tmp_path / LOCK).write_text("")
+    with pytest.raises(AstCvError, match="empty or garbled"):
+        ExperimentLock(tmp_path).acquire()
+    old = time.time() - 300
+    os.utime(tmp_path / LOCK, (old, old))
+    with caplog.at_level("WARNING"), ExperimentLock(tmp_path):
+        pass
+    assert "empty or garbled" in caplog.text
+
+
+def test_the_holder_refreshes_its_lock(tmp_path):
+    with ExperimentLock(tmp_path, refresh_s=0.1):
+        first = json.loads((tmp_path / LOCK).read_text())["refreshed"]
+        time.sleep(0.5)
+        assert json.loads((tmp_path / LOCK).read_text())["refreshed"] > first
+
+
+# ---------------------------------------------------------------- URI storage
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """A real S3 protocol server (moto's standalone server) with an empty bucket; the AWS variables point at it."""
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="astcv-test")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield "s3://astcv-test/runs"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _uri_args(demo_assets, storage, *extra):
+    data, model = demo_assets
+    return ["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3", "--lrs", "1e-3",
+            "--batch-sizes", "8", "--epochs", "2", "--num-workers", "0", "--gpus", "0", "--storage-path", storage,
+            "--name", "uri", *extra]
+
+
+@pytest.mark.slow
+def test_s3_storage_resumes_without_retraining_and_reports_into_the_bucket(demo_assets, s3, tmp_path, capsys):
+    import orchestrate
+    from trainable.storage import Store
+
+    args = _uri_args(demo_assets, s3, "--test-folds", "1")
+    assert orchestrate.main(args) == 0, capsys.readouterr().err
+    store = Store.open(f"{s3}/uri")
+    trial = trial_dirname(1, 1e-3, 8)
+    before = store.read_text(f"{trial}/result.json")
+    capsys.readouterr()
+    assert orchestrate.main(args) == 0  # the same command again: nothing to train
+    out = capsys.readouterr().out
+    assert "Resuming" in out and " epoch 1/2" not in out
+    assert store.read_text(f"{trial}/result.json") == before
+    summary = json.loads(store.read_text("summary.json"), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert summary["complete"] and summary["best_model_dir"] == f"{s3}/uri/best_model"
+    assert "Nested cross-validation" in store.read_text("report.md") and store.is_file("plots/fold_accuracy.png")
+    model = store.download("best_model", tmp_path / "best_model")
+    assert ASTForAudioClassification.from_pretrained(model).dtype == torch.float32
+    assert orchestrate.main(["--report-only", f"{s3}/uri"]) == 0
+    assert orchestrate.main(["--resume", "--storage-path", s3, "--name", "uri", "--gpus", "0"]) == 0
+
+
+@pytest.mark.slow
+def test_file_uri_storage_resumes_and_test_folds_can_grow(demo_assets, tmp_path, capsys):
+    import orchestrate
+
+    storage = f"file://{tmp_path}/runs"
+    assert orchestrate.main(_uri_args(demo_assets, storage, "--test-folds", "1")) == 0, capsys.readouterr().err
+    exp = tmp_path / "runs" / "uri"
+    first = (exp / trial_dirname(1, 1e-3, 8) / "result.json").read_bytes()
+    capsys.readouterr()
+    assert orchestrate.main(_uri_args(demo_assets, storage, "--test-folds", "1", "2")) == 0
+    out = capsys.readouterr().out
+    assert "Adding test fold(s) 2" in out and "fold02_lr1e-03_bs8 epoch 2/2" in out
+    assert "fold01_lr1e-03_bs8 epoch" not in out  # fold 1 was not trained again
+    assert (exp / trial_dirname(1, 1e-3, 8) / "result.json").read_bytes() == first
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["complete"] and [p["fold"] for p in summary["per_fold"]] == [1, 2]
+
+
+# ---------------------------------------------------------------- the non-Ray runner
+
+
+def test_local_best_is_repaired_after_a_kill_between_last_and_best(synth_root, tiny_ast_1024, tmp_path):
+    from trainable.local import main as train_main
+
+    out = tmp_path / "run"
+    args = ["--data-root", str(synth_root), "--model", str(tiny_ast_1024), "--folds", "1", "2", "3", "--test-fold", "1",
+            "--num-frames", "64", "--num-workers", "0", "--lr", "1e-3", "--epochs", "2", "--output", str(out)]
+    assert train_main(args) == 0
+    held = json.loads((out / "last" / "best" / "best_epoch.json").read_text())["epoch"]
+    shutil.rmtree(out / "best")  # killed after last/ was replaced, before best/ was written
+    assert train_main(args) == 0
+    assert json.loads((out / "best" / "best_epoch.json").read_text())["epoch"] == held
+    (out / "best" / "best_epoch.json").write_text(json.dumps({"epoch": 99}))  # best/ of another epoch than last/ says
+    assert train_main(args) == 0
+    assert json.loads((out / "best" / "best_epoch.json").read_text())["epoch"] == held
+    assert ASTForAudioClassification.from_pretrained(out / "best").config.num_labels == 10
