@@ -81,8 +81,10 @@ def _cache_and_resources(cache, res) -> None:
     res.add_argument("--gpus", type=float, default=None,
                      help="GPUs for a local Ray start (default: as many as torch sees; 0 = CPU only). Asking for GPUs "
                      "torch cannot see is an error")
-    res.add_argument("--gpus-per-trial", type=float, default=None,
-                     help="GPUs per trial (default: 1 when GPUs are used, else 0); fractions such as 0.5 pack trials on one card")
+    res.add_argument("--gpus-per-trial", type=gpu_fraction, default=None,
+                     help="GPUs per trial: a number (fractions such as 0.5 pack trials on one card; 0 = CPU) or auto "
+                     "(the default): 0.5 on cards of 40 GB or more, where two packed trials measured 1.9-2x the "
+                     "trials per hour, else 1; 0 without GPUs")
     res.add_argument("--cpus-per-trial", type=float, default=None,
                      help="CPUs per trial, also torch's thread count (default: 2 with a GPU, else 1)")
     res.add_argument("--address", default=None,
@@ -110,6 +112,15 @@ def _results(out) -> None:
                      help="only (re)write summary.json, report.md, plots and best_model/ of an existing experiment (a "
                      "folder or a URI); exit status 1 when no model could be exported")
     out.add_argument("--debug", action="store_true", help="show full tracebacks and Ray's own output")
+
+
+def gpu_fraction(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def ensure_writable(exp_dir: Path) -> None:
@@ -213,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
     from trainable.prepare import make_plan, preflight, prepare_inputs
     from trainable.reduce import summarize
 
-    plan, meta, headers = make_plan(args, SPACES, torch.cuda.device_count())
+    gpus = torch.cuda.device_count()
+    memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) / 2**30 if gpus else None
+    plan, meta, headers = make_plan(args, SPACES, gpus, memory)
     local = plan.store.local_path
     if local is not None:
         ensure_writable(local)

@@ -171,16 +171,17 @@ def _wait(predicate, proc, log, timeout=240):
 
 
 def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda trial: None):
-    """Run orchestrate.py; once the trial reported epoch 2, call ``then(trial_dir)`` and SIGKILL its worker process,
-    and wait for the run to finish (it must succeed). Returns (trial folder, log path)."""
+    """Run orchestrate.py; once the trial reported epoch 2, SIGKILL its worker process and call ``then(trial_dir)``
+    (at once: Ray needs seconds to start the retry), and wait for the run to finish (it must succeed). Returns
+    (trial folder, log path)."""
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "orchestrate.py", *base_args(*demo_assets, tmp_path, name, *extra)], cwd=ROOT,
                             env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     trial = tmp_path / name / trial_dirname(1, 1e-3, 8)
     try:
         row = _wait(lambda: next((r for r in _rows(trial) if r.get("epoch") == 2), None), proc, log)
-        then(trial)  # before the kill: Ray's retry could otherwise copy the checkpoint before ``then`` touches it
         os.kill(row["pid"], signal.SIGKILL)
+        then(trial)
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
         if proc.poll() is None:
@@ -189,29 +190,24 @@ def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda 
 
 
 @pytest.mark.slow
-def test_killed_trial_worker_is_retried_from_its_checkpoint(demo_assets, tmp_path):
-    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "workerkill", "--epochs", "3", "--max-failures", "2")
-    epochs = [r["epoch"] for r in _rows(trial)]
-    assert epochs[-1] == 3 and epochs.count(1) == 1, epochs  # resumed, not restarted
-    assert len({r["pid"] for r in _rows(trial)}) == 2  # a second worker process finished the trial
-    assert json.loads((tmp_path / "workerkill" / "summary.json").read_text())["complete"]
+def test_killed_worker_is_retried_and_a_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_path):
+    # The worker dies after its epoch-2 checkpoint (or epoch 3's, if it got that far), and its newest checkpoint is
+    # damaged (as a kill in the middle of a write leaves it): Ray's retry must fall back to the one before, not crash.
+    newest = []
 
-
-@pytest.mark.slow
-def test_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_path):
-    # The worker dies right after registering its epoch-2 checkpoint, and that checkpoint is damaged (as a kill in
-    # the middle of a write leaves it): Ray's retry must fall back to the epoch-1 checkpoint, not crash.
     def damage(trial):
-        latest = next(c for c in trial.glob("checkpoint_*") if json.loads((c / "trainer_state.json").read_text())["epoch"] == 2)
+        latest = max(trial.glob("checkpoint_*"), key=lambda c: json.loads((c / "trainer_state.json").read_text())["epoch"])
+        newest.append(json.loads((latest / "trainer_state.json").read_text())["epoch"])
         weights = latest / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
 
-    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "3", "--debug",
+    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "5", "--debug",
                                             "--keep-checkpoints", "all", then=damage)  # older checkpoints are kept
     output = log.read_text()
     assert "is damaged" in output, output[-3000:]
-    epochs = [r["epoch"] for r in _rows(trial)]
-    assert epochs[-1] == 3 and epochs.count(2) == 2 and epochs.count(1) == 1, epochs  # epoch 2 redone from epoch 1
+    epochs, n = [r["epoch"] for r in _rows(trial)], newest[0]
+    assert epochs[-1] == 5 and epochs.count(n) == 2 and epochs.count(n - 1) == 1, epochs  # epoch n redone from n-1
+    assert len({r["pid"] for r in _rows(trial)}) == 2  # a second worker process finished the trial
     assert json.loads((tmp_path / "damaged" / "summary.json").read_text())["complete"]
 
 

@@ -170,7 +170,7 @@ def test_recordings_in_several_folds_are_found(synth_root):
 def test_oom_in_the_fp16_optimizer_step_is_a_clear_error_not_a_retry(tiny_ast_1024, how, monkeypatch):
     """An OOM in scaler.step (AdamW allocating its state) must not be retried with a smaller micro-batch: the
     GradScaler has already unscaled the gradients, and the retry would step with scaled ones."""
-    from trainable import oom, train
+    from trainable import oom, steps
     from trainable.model import load_model
 
     model = load_model(str(tiny_ast_1024), [str(i) for i in range(10)], 64)
@@ -192,7 +192,7 @@ def test_oom_in_the_fp16_optimizer_step_is_a_clear_error_not_a_retry(tiny_ast_10
     micro = oom.MicroBatch(size=4, batch_size=4, rehearsal=oom.OomRehearsal.from_env())
     micro.rehearsal.arm(opt)
     with pytest.raises(oom.OptimizerOutOfMemory, match="optimizer step"):
-        train.train_one_epoch(model, [(x, y)], opt, scaler, torch.device("cpu"), None, micro)
+        steps.train_one_epoch(model, [(x, y)], opt, scaler, torch.device("cpu"), None, micro)
     assert micro.size == 4 and micro.fallbacks == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

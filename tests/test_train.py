@@ -11,7 +11,8 @@ from trainable.model import build_tiny_ast, load_model
 from trainable.experiment import EPOCH
 from trainable.local import LocalRun
 from trainable.oom import SIMULATE_OOM_ENV, MicroBatch, OutOfMemoryAtOne
-from trainable.train import fit, train_step
+from trainable.steps import train_step
+from trainable.train import fit
 
 REPORTED = {
     "epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
@@ -161,3 +162,30 @@ def test_mixed_precision_step_runs_and_learns(tiny_ast_1024, dtype):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_the_model_uses_sdpa_attention(tiny_ast_1024):
+    model = load_model(str(tiny_ast_1024), [str(i) for i in range(10)], 400)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_eager_and_compiles_once_per_mode(synth_root, tiny_ast_1024):
+    """torch.compile (inductor, on CPU here): the same losses and accuracies as eager, one graph for training and one
+    for evaluation although every epoch ends with a short batch (padded: 40 training clips in batches of 6)."""
+    import torch._dynamo
+
+    runs = {}
+    for mode in ("off", "default"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        history = []
+        fit(small_config(synth_root, tiny_ast_1024, batch_size=6, compile=mode), lambda m, c: history.append(m))
+        runs[mode] = (history, dict(torch._dynamo.utils.counters["stats"]))
+    eager, compiled = runs["off"][0], runs["default"][0]
+    for a, b in zip(eager, compiled):
+        assert [p[0] for p in a["train_steps"]] == [p[0] for p in b["train_steps"]]
+        torch.testing.assert_close([p[1] for p in a["train_steps"]], [p[1] for p in b["train_steps"]], rtol=0, atol=2e-4)
+        assert a["val_accuracy"] == b["val_accuracy"] and a["test_accuracy"] == b["test_accuracy"]
+        assert abs(a["val_loss"] - b["val_loss"]) < 2e-4
+    assert runs["default"][1]["unique_graphs"] == 2  # training and evaluation; nothing recompiled in epoch 2

@@ -15,6 +15,7 @@ DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 KEEP_CHECKPOINTS = ("best", "all")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -53,6 +54,9 @@ class TrainConfig:
                                      "uses 50 to check a setup in minutes)")
     seed: int = _opt(0, "random seed; each trial seeds with (seed, test fold) so reruns repeat exactly on CPU")
     amp: str = _opt("auto", "mixed precision: auto (bf16 where the GPU supports it, else fp16; off on CPU), off, fp16, bf16", choices=AMP_MODES)
+    compile: str = _opt("off", "torch.compile the model: off, default, reduce-overhead (CUDA graphs) or max-autotune; "
+                        "batches are padded to one shape so each mode compiles once per trial (plus once for evaluation)",
+                        choices=COMPILE_MODES)
     device: str = _opt("auto", "auto (CUDA when torch sees a GPU), cpu or cuda", choices=DEVICES,
                        orchestrator="Ray places trials; --gpus and --gpus-per-trial")
     num_workers: int = _opt(2, "DataLoader worker processes per trial (0 = decode in the training process)")
@@ -92,6 +96,8 @@ class TrainConfig:
             problems.append(f"skip_clips entries must look like fold<N>/<file name> (got {bad_clips[:3]})")
         if self.amp not in AMP_MODES:
             problems.append(f"amp must be one of {AMP_MODES} (got {self.amp!r})")
+        if self.compile not in COMPILE_MODES:
+            problems.append(f"compile must be one of {COMPILE_MODES} (got {self.compile!r})")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
             problems.append(f"keep_checkpoints must be one of {KEEP_CHECKPOINTS} (got {self.keep_checkpoints!r})")
         if self.device not in DEVICES:

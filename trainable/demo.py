@@ -19,7 +19,8 @@ from .data import class_names, load_metadata
 from .model import build_tiny_ast, export_model, fit_time_frames
 from .synth import generate
 from .oom import MicroBatch
-from .train import seed_everything, train_one_epoch
+from .steps import train_one_epoch
+from .train import seed_everything
 
 log = logging.getLogger(__name__)
 

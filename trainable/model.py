@@ -107,6 +107,7 @@ def load_model(name: str, classes: Sequence[str], num_frames: int | None = None)
             id2label=id2label,
             label2id=label2id,
             ignore_mismatched_sizes=True,
+            attn_implementation="sdpa",  # fused attention kernels (torch's scaled_dot_product_attention)
         )
     except OSError as exc:
         if Path(source).is_dir():

@@ -51,7 +51,7 @@ def _resolve_frames(values: dict[str, Any], meta) -> Any:
     return headers
 
 
-def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int):
+def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int, gpu_memory_gib: float | None = None):
     """(Plan without the pre-run check's results, validated metadata rows, file headers if read) from the arguments.
 
     A new experiment takes its settings from the flags; an existing one (re-run, or --resume) from its manifest, with
@@ -76,7 +76,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int)
         fixed = {k: v for k, v in space.items() if not isinstance(v, dict)} if args.space else {}
         space_grid = {k: v["grid_search"] for k, v in space.items() if isinstance(v, dict)} if args.space else None
         values, grid, added = continued_values(manifest, requested(fixed, demo, args), args, space_grid, exp_dir)
-    resources = plan_resources(args, torch_gpus)
+    resources = plan_resources(args, torch_gpus, gpu_memory_gib=gpu_memory_gib)
     model_dir = resolve_model(values["model"])  # an unreachable hub or a typo: one line now, not 3 failures per trial
     meta = load_metadata(values["data_root"], values["folds"])
     headers = _resolve_frames(values, meta)

@@ -217,13 +217,13 @@ class Progress:
         busy = (time.time() - self.t0) * min(self.slots, started)
         self.est.session_overhead_s = max(busy - self.session_epoch_s, 0.0) / started
 
-    def trial_failed(self, name: str, where: str, trials: list[TrialView], final: bool) -> None:
+    def trial_failed(self, name: str, error: str, where: str, trials: list[TrialView], final: bool) -> None:
         self.seed(trials)
         if final:
             self.failures.add(name)
-            self._line(f"{name} FAILED for good (see {where}/error.txt)")
+            self._line(f"{name} FAILED for good: {error} (full traceback: {where})")
         else:
-            self._line(f"{name} failed; retrying from its last checkpoint (see {where}/error.txt)")
+            self._line(f"{name} failed: {error}; retrying from its last checkpoint (full traceback: {where})")
 
     def poll(self, ray_trials: list[TrialView], messages: Iterable[tuple[str, Mapping[str, Any]]] = ()) -> None:
         """Called often by the Tune loop: the latest news from inside running epochs."""

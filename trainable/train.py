@@ -1,5 +1,5 @@
-"""Fine-tune AST on one fold with one configuration: the training step with its out-of-memory fallback, the epoch
-loop (``train_one_epoch``, ``evaluate``, ``fit``) and the refit on all folds. Ray-free; the Ray trial is
+"""Fine-tune AST on one fold with one configuration: a trial's set-up, its epoch loop (``fit``, over the steps of
+``trainable.steps``) and the refit on all folds. Ray-free; the Ray trial is
 ``trainable.trial`` and the one-fold command line is ``trainable.local`` (``python -m trainable.train`` runs it).
 """
 
@@ -9,8 +9,7 @@ import json
 import logging
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,6 +33,8 @@ from .experiment import (
     SAMPLES_PER_SECOND,
     SELECTION_SCORE,
     SETUP_SECONDS,
+    STARTUP,
+    STARTUP_FIRST_STEP,
     TEST_ACCURACY,
     TEST_CONFUSION,
     TEST_LOSS,
@@ -43,22 +44,11 @@ from .experiment import (
     VAL_LOSS,
     selection_score,
 )
-from .oom import (
-    MicroBatch,
-    OomRehearsal,
-    OptimizerOutOfMemory,
-    free_cuda,
-    with_oom_fallback,
-)
+from .oom import MicroBatch
+from .steps import EpochWatch, compile_model, evaluate, train_one_epoch
 from .storage import temp_dir
 
 log = logging.getLogger(__name__)
-
-def forward(model, x: torch.Tensor, rehearsal: OomRehearsal = OomRehearsal()) -> torch.Tensor:
-    """Logits for a batch of features [B, T, 128]."""
-    rehearsal.check_forward(x.shape[0])
-    return model(input_values=x).logits
-
 
 def resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "cpu":
@@ -77,119 +67,6 @@ def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if config.amp == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def train_step(model, x, y, optimizer, scaler, device, dtype, micro: MicroBatch) -> float:
-    """One optimizer step over the batch (x, y), cut into micro-batches whose gradients are accumulated.
-
-    Each micro-batch's loss is its summed cross-entropy divided by the whole batch size, so the accumulated
-    gradient equals the full batch's. Returns the batch's mean loss.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    n = x.shape[0]
-    total = torch.zeros((), device=device)
-    for xs, ys in zip(x.split(micro.size), y.split(micro.size)):
-        xs = xs.to(device, non_blocking=True)
-        ys = ys.to(device, non_blocking=True)
-        with _autocast(device, dtype):
-            logits = forward(model, xs, micro.rehearsal)
-        loss = torch.nn.functional.cross_entropy(logits.float(), ys, reduction="sum") / n
-        scaler.scale(loss).backward()
-        total += loss.detach()
-    optimizer_step(optimizer, scaler)
-    return total.item()  # one device sync per optimizer step
-
-
-def optimizer_step(optimizer, scaler) -> None:
-    """``scaler.step`` + ``update``. An OOM here is not retried with a smaller micro-batch: the scaler has already
-    unscaled the gradients (a retry would step with scaled ones) and the memory it wanted is the optimizer's."""
-    try:
-        scaler.step(optimizer)
-    except torch.cuda.OutOfMemoryError as exc:
-        failure = OptimizerOutOfMemory(
-            f"CUDA out of memory in the optimizer step ({str(exc).splitlines()[0]}): AdamW allocates its state, twice "
-            f"the model's size, on the first step, and a smaller micro-batch cannot help there. Give the trial more "
-            f"GPU memory: one trial per GPU (--gpus-per-trial 1), a smaller --num-frames, or a larger GPU."
-        )
-    else:
-        scaler.update()
-        return
-    optimizer.zero_grad(set_to_none=True)
-    free_cuda()
-    raise failure
-
-
-@dataclass
-class EpochWatch:
-    """What happens inside an epoch, for TensorBoard and the console: each optimizer step's loss and learning rate
-    (averaged over windows, so an epoch keeps at most MAX_POINTS), and ``on_progress`` every ``every_s`` seconds."""
-
-    MAX_POINTS = 200
-    epoch: int
-    steps: int  # optimizer steps in the epoch
-    first_step: int  # the trial's global step number of the epoch's first optimizer step
-    on_progress: Callable[[dict[str, Any]], None] | None = None
-    every_s: float = 20.0
-    points: list[list[float]] = field(default_factory=list)  # [global step, loss, lr]
-    _window: list[float] = field(default_factory=list)
-    _last: float = field(default_factory=time.perf_counter)
-
-    def step(self, i: int, loss: float, lr: float, seen: int, seconds: float) -> None:
-        self._window.append(loss)
-        stride = max(1, -(-self.steps // self.MAX_POINTS))
-        if len(self._window) >= stride or i == self.steps:
-            self.points.append([self.first_step + i - 1, sum(self._window) / len(self._window), lr])
-            self._window.clear()
-        now = time.perf_counter()
-        if self.on_progress is not None and now - self._last >= self.every_s:
-            self._last = now
-            self.on_progress({"epoch": self.epoch, "step": i, "steps": self.steps,
-                              "samples_per_s": seen / max(seconds, 1e-9), "time": time.time()})
-
-
-def train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro: MicroBatch,
-                    watch: EpochWatch | None = None, max_steps: int = 0) -> tuple[float, int, float]:
-    """Train over ``loader`` once (``max_steps`` optimizer steps at most, when > 0). Returns (mean training loss,
-    samples seen, seconds)."""
-    model.train()
-    start, loss_sum, seen = time.perf_counter(), 0.0, 0
-    for i, (x, y) in enumerate(loader, 1):
-        if max_steps and i > max_steps:
-            break
-        loss = with_oom_fallback(
-            lambda: train_step(model, x, y, optimizer, scaler, device, dtype, micro),
-            micro,
-            on_oom=lambda: optimizer.zero_grad(set_to_none=True),
-        )
-        loss_sum += loss * x.shape[0]
-        seen += x.shape[0]
-        if watch is not None:
-            watch.step(i, loss, optimizer.param_groups[0]["lr"], seen, time.perf_counter() - start)
-    return loss_sum / max(seen, 1), seen, time.perf_counter() - start
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, dtype, micro: MicroBatch, num_classes: int) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and confusion matrix [true, predicted] over ``loader``."""
-    model.eval()
-    loss_sum, confusion = 0.0, np.zeros((num_classes, num_classes), dtype=np.int64)
-
-    def batch_logits(x):
-        return torch.cat([forward(model, xs.to(device, non_blocking=True), micro.rehearsal).float()
-                          for xs in x.split(micro.size)])
-
-    for x, y in loader:
-        with _autocast(device, dtype):
-            logits = with_oom_fallback(lambda: batch_logits(x), micro)
-        y = y.to(device)
-        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        np.add.at(confusion, (y.cpu().numpy(), logits.argmax(-1).cpu().numpy()), 1)
-    n = int(confusion.sum())
-    return loss_sum / max(n, 1), float(np.trace(confusion)) / max(n, 1), confusion
 
 
 def trial_seed(config: TrainConfig) -> int:
@@ -247,21 +124,33 @@ def prepare_process(config: TrainConfig) -> None:
 
 
 def training_objects(config: TrainConfig, classes: Sequence[str]):
-    """(device, autocast dtype, model on the device, AdamW, GradScaler) for a run."""
+    """(device, autocast dtype, model on the device, the model to call (compiled or not), AdamW, GradScaler).
+
+    AdamW is fused on CUDA (one kernel for all parameters instead of several per tensor: measured 1.37x the step at
+    batch 16 on an H200, BENCHMARKS.md); torch's default (foreach) elsewhere.
+    """
     from .model import load_model
 
     device = resolve_device(config)
     dtype = amp_dtype(config, device)
     model = load_model(config.model, classes, config.num_frames).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=True if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    return device, dtype, model, optimizer, scaler
+    return device, dtype, model, compile_model(model, config.compile), optimizer, scaler
+
+
+def pad_to(config: TrainConfig) -> int | None:
+    """Compiled models see one batch shape (``trainable.steps.pad_batch``); eager ones the batches as they come."""
+    return config.batch_size if config.compile != "off" else None
 
 
 def make_loader(config: TrainConfig, dataset: Dataset, device: torch.device, **kw) -> DataLoader:
-    """Batches of the configured (effective) size; pinned memory when training on a GPU."""
+    """Batches of the configured (effective) size; pinned memory when training on a GPU; worker processes started
+    once per trial, not once per epoch."""
+    workers = dict(persistent_workers=True, prefetch_factor=4) if config.num_workers > 0 else {}
     return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
-                      pin_memory=device.type == "cuda", **kw)
+                      pin_memory=device.type == "cuda", **workers, **kw)
 
 
 Reporter = Callable[[dict[str, Any], Path], None]
@@ -300,24 +189,42 @@ def epoch_metrics(epoch: int, train_loss: float, val, test, samples_per_second: 
     }
 
 
+class Laps:
+    """Named durations of a trial's start (data, model, restore, loaders, first step), reported as STARTUP."""
+
+    def __init__(self, **known: Any):
+        self.times: dict[str, Any] = dict(known)
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[f"{name}_s"] = round(now - self._last, 4)
+        self._last = now
+
+
 def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = None,
-        on_progress: Callable[[dict[str, Any]], None] | None = None) -> TrainerState:
+        on_progress: Callable[[dict[str, Any]], None] | None = None, startup: dict[str, Any] | None = None) -> TrainerState:
     """Train for ``config.epochs`` epochs, calling ``report(metrics, checkpoint_dir)`` after each.
 
     ``checkpoint_dir`` is a temporary folder holding that epoch's checkpoint (``trainable.checkpoint``: the resume
     point, except after the last epoch unless ``keep_checkpoints`` is "all", and the best epoch's weights); the
     reporter must copy what it keeps before returning. With ``restore_dir``, training resumes exactly after that
     checkpoint's epoch (a finished trial's checkpoint: nothing is left to do). ``on_progress`` hears from inside
-    each epoch every 20 s (step, samples/s).
+    each epoch every 20 s (step, samples/s). ``startup``: what the caller measured of the trial's start, reported with
+    this function's own laps.
     """
     started = time.perf_counter()
+    laps = Laps(**(startup or {}))
     prepare_process(config)
     data = build_datasets(config)
-    device, dtype, model, optimizer, scaler = training_objects(config, data.classes)
+    laps.lap("data")
+    device, dtype, model, net, optimizer, scaler = training_objects(config, data.classes)
+    laps.lap("model")
     state = TrainerState(micro_batch_size=config.batch_size, config=config.to_dict())
     best = None  # the best epoch's weights so far (float16, CPU)
     if restore_dir is not None:
         state, best = restore(restore_dir, model, optimizer, scaler)
+        laps.lap("restore")
     micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
     log.info(
         "fold %d (val %s): %d train / %d val / %d test clips on %s%s",
@@ -327,6 +234,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     generator = torch.Generator()
     train_loader = make_loader(config, data.train, device, shuffle=True, generator=generator)
     val_loader, test_loader = make_loader(config, data.val, device), make_loader(config, data.test, device)
+    laps.lap("loaders")
     setup_seconds = time.perf_counter() - started
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
@@ -334,10 +242,12 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         generator.manual_seed(trial_seed(config) * 100 + epoch)  # same shuffle whether resumed or not
         steps = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
         watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress)
-        train_loss, seen, seconds = train_one_epoch(model, train_loader, optimizer, scaler, device, dtype, micro, watch,
-                                                    config.max_steps_per_epoch)
-        val = evaluate(model, val_loader, device, dtype, micro, len(data.classes))
-        test = evaluate(model, test_loader, device, dtype, micro, len(data.classes))
+        train_loss, seen, seconds = train_one_epoch(net, train_loader, optimizer, scaler, device, dtype, micro, watch,
+                                                    config.max_steps_per_epoch, pad_to(config))
+        if STARTUP_FIRST_STEP not in laps.times and watch.first_step_s is not None:
+            laps.times[STARTUP_FIRST_STEP] = round(watch.first_step_s, 4)
+        val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad_to(config))
+        test = evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad_to(config))
         if selection_score(val[1], epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
@@ -351,7 +261,8 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         resumable = epoch < config.epochs or config.keep_checkpoints == "all"
         with temp_dir("ckpt") as tmp:
             save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames, best, resumable)
-            metrics.update({EPOCH_SECONDS: time.perf_counter() - epoch_start, SETUP_SECONDS: setup_seconds})
+            metrics.update({EPOCH_SECONDS: time.perf_counter() - epoch_start, SETUP_SECONDS: setup_seconds,
+                            STARTUP: laps.times})
             report(metrics, Path(tmp))
     return state
 
@@ -366,13 +277,13 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
     prepare_process(config)
     meta, classes, make = dataset_source(config)
     dataset = make(meta)
-    device, dtype, model, optimizer, scaler = training_objects(config, classes)
+    device, dtype, model, net, optimizer, scaler = training_objects(config, classes)
     micro = MicroBatch.start(config.batch_size, optimizer)
     generator = torch.Generator()
     loader = make_loader(config, dataset, device, shuffle=True, generator=generator)
     for epoch in range(1, epochs + 1):
         generator.manual_seed(trial_seed(config) * 100 + epoch)
-        loss, seen, seconds = train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro)
+        loss, seen, seconds = train_one_epoch(net, loader, optimizer, scaler, device, dtype, micro, pad_to=pad_to(config))
         log.info("refit epoch %d/%d on all %d clips: train_loss %.4f (%.1f samples/s)", epoch, epochs, seen, loss, seen / max(seconds, 1e-9))
     return export_model(model.cpu(), out_dir, config.num_frames)
 

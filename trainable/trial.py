@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +18,18 @@ from .experiment import CUDA_VISIBLE_DEVICES, NODE_ID
 from .storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
 
 log = logging.getLogger(__name__)
+
+_trials_in_this_process = 0  # Tune reuses a trial's worker for the next trial (see tuner.REUSE_WORKERS)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), else None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def restore_candidates(checkpoint) -> list[tuple[Any, str]]:
@@ -74,12 +87,19 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
     newest older one that is intact, else from scratch, with a warning each time. A full disk ends the trial with
     ``StorageFull``, which the driver turns into one message and a stop of the whole run.
     """
+    global _trials_in_this_process
+    reused = _trials_in_this_process > 0
+    _trials_in_this_process += 1
+    startup = {"reused_worker": reused, "worker_s": 0.0 if reused else process_age()}  # process start to here
+    began = time.perf_counter()
     import ray
     import torch
+    import transformers  # noqa: F401  (imported by the model loader anyway: timed here, with the rest)
     from ray import tune
 
     from .train import fit
 
+    startup["imports_s"] = round(time.perf_counter() - began, 4)
     config = TrainConfig.from_dict({**base, **trial_config})
     sweep_temp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,7 +128,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
         checkpoint = tune.get_checkpoint()
         restore = choose_restore_point(checkpoint, stack) if checkpoint is not None else None
         try:
-            fit(config, report, restore_dir=restore, on_progress=on_progress)
+            fit(config, report, restore_dir=restore, on_progress=on_progress, startup=startup)
         except StorageFull:
             raise
         except Exception as exc:

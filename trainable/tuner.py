@@ -27,6 +27,7 @@ from .storage import StorageFull, free_bytes, human_bytes, is_disk_full
 DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their errors and warnings are ours to word, unless --debug
+REUSE_WORKERS_ENV = "ASTCV_REUSE_WORKERS"  # 0: a new worker process per trial (benchmarks/startup.py compares)
 POLL_S = 5.0  # how often the driver collects the trials' in-epoch progress
 # Variables the trials need from the driver's environment (runtime env of every Ray worker).
 PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "ASTCV_SIMULATE_OOM_IN_STEP",
@@ -64,6 +65,12 @@ class Outcome:
 
     failed: int
     interrupted: bool
+
+
+def last_error_line(text: str) -> str:
+    """The exception line of a traceback (Ray's error.txt), e.g. 'ValueError: ...'."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(" ")]
+    return lines[-1][:300] if lines else "see the error file"
 
 
 def _error_text(trial) -> str:
@@ -119,10 +126,12 @@ def make_callback(plan: Plan, progress: Progress, board_name: str | None = None)
             progress.trial_finished(trial_name(trial), views(trials))
 
         def _failure(self, trial, trials, final: bool):
-            full = StorageFull.from_error_text(_error_text(trial), str(local or plan.exp_dir))
+            text = _error_text(trial)
+            full = StorageFull.from_error_text(text, str(local or plan.exp_dir))
             if full is not None:
                 raise full
-            progress.trial_failed(trial_name(trial), trial.local_path, views(trials), final)
+            progress.trial_failed(trial_name(trial), last_error_line(text), trial.error_file or trial.local_path,
+                                  views(trials), final)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             self._failure(trial, trials, final=False)
@@ -201,7 +210,8 @@ def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, m
     return tune.Tuner(
         trainable,
         param_space={k: tune.grid_search(v) for k, v in grid.items()},
-        tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name),
+        tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name,
+                                    reuse_actors=os.environ.get(REUSE_WORKERS_ENV, "1") != "0"),
         run_config=tune.RunConfig(
             name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0, callbacks=callbacks,
             checkpoint_config=checkpoint_config(tune, plan.config.keep_checkpoints),
