@@ -36,7 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_steps import STEP_FUNCTIONS, Ctx, stop_on_sigterm  # noqa: E402
+from gpu_steps import STEP_FUNCTIONS as _STEPS, Ctx, stop_on_sigterm  # noqa: E402
+from gpu_steps_ray import step_5_ray, step_6_packing  # noqa: E402
+
+STEP_FUNCTIONS = {**_STEPS, "5_ray": step_5_ray, "6_packing": step_6_packing}
 
 
 @dataclass(frozen=True)

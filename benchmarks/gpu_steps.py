@@ -9,9 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -270,26 +268,6 @@ def step_4_seed_vs_ours(ctx: Ctx) -> dict:
     return result
 
 
-def _orchestrate(ctx: Ctx, name: str, extra: list[str]) -> dict:
-    """Run orchestrate.py on the generated folds 1-3 (2 lrs, batch 16, 2 epochs); wall time, summary, trial spans."""
-    cmd = [sys.executable, str(ROOT / "orchestrate.py"), "--data-root", str(ctx.data), "--model", str(ctx.model),
-           "--folds", "1", "2", "3", "--lrs", "5e-5", "1e-5", "--batch-sizes", "16", "--epochs", "2",
-           "--num-frames", "auto", "--storage-path", str(ctx.work / "runs"), "--name", name,
-           "--cache-dir", str(ctx.cache), *extra]
-    if ctx.rehearse:  # later flags win: one test fold, one epoch
-        cmd += ["--test-folds", "1", "--num-workers", "0", "--epochs", "1"]
-    print("$ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    try:
-        rc = proc.wait()
-    except Stopped:  # the step's limit: report the trials finished so far
-        rc = "stopped at the step's limit"
-    result = {"command": " ".join(cmd[1:]), "rc": rc, "wall_s": time.perf_counter() - t0}
-    result.update(_trial_figures(ctx.work / "runs" / name))
-    return result
-
-
 class Stopped(Exception):
     """SIGTERM from the runner at the step's limit."""
 
@@ -303,96 +281,46 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _stop)
 
 
-def _trial_figures(exp: Path) -> dict:
-    """Summary and per-trial spans, placement and rates of an experiment folder (finished or not)."""
-    result: dict = {}
-    if (exp / "summary.json").is_file():
-        s = json.loads((exp / "summary.json").read_text())
-        result["summary"] = {k: s.get(k) for k in ("complete", "trials_finished", "trials_expected", "mean", "std")}
-    spans, placement, rates = [], set(), []
-    for rf in sorted(exp.glob("*/result.json")):
-        rows = [json.loads(line) for line in rf.read_text().splitlines() if line.strip()]
-        if rows:
-            spans.append((rows[0]["timestamp"] - rows[0].get("time_this_iter_s", 0), rows[-1]["timestamp"]))
-            placement.add(str(rows[-1].get("cuda_visible_devices", "")))
-            rates.append(rows[-1].get("samples_per_second"))
-    if spans:
-        events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
-        running = most = 0
-        for _, d in events:
-            running += d
-            most = max(most, running)
-        result.update(trials=len(spans), trial_span_s=max(b for _, b in spans) - min(a for a, _ in spans),
-                      max_concurrent_trials=most, cuda_visible_devices=sorted(placement), last_epoch_samples_per_s=rates,
-                      trial_seconds=[b - a for a, b in spans])
-    return result
-
-
-def step_5_ray(ctx: Ctx) -> dict:
-    """orchestrate.py with Ray: one trial per GPU (rehearsal: CPU, 2 CPUs per trial, so one at a time)."""
-    extra = ["--cpus-per-trial", "2", "--gpus", "0", "--lrs", "5e-5"] if ctx.rehearse else ["--gpus", "1"]  # rehearsal: 1 trial
-    return _orchestrate(ctx, "gpu1", extra)
-
-
-def _pair(ctx: Ctx) -> dict:
-    """Aggregate samples/s of two step benchmarks timed in the same window on one device vs one alone."""
-    frames = ctx.frames[1]
-    amp = "off" if ctx.rehearse else _amp_name(_device())
-    args = [sys.executable, str(ROOT / "benchmarks" / "step.py"), "--frames", str(frames), "--amp", amp,
-            "--batch-size", "2" if ctx.rehearse else "16", "--steps", "1" if ctx.rehearse else "30", "--warmup", "0" if ctx.rehearse else "5"]
-    args += ["--tiny"] if ctx.rehearse else []
-    out = {}
-    for n in (1, 2):
-        files = [ctx.work / f"pair{n}-{i}.json" for i in range(n)]
-        shutil.rmtree(ctx.work / f"pair{n}-sync", ignore_errors=True)
-        sync = ["--sync", str(ctx.work / f"pair{n}-sync"), str(n)]
-        procs = [subprocess.Popen(args + sync + ["--json", str(f)]) for f in files]
-        for p in procs:
-            p.wait()
-        rows = [json.loads(f.read_text())["rows"][0] for f in files]
-        out[f"{n}_process"] = {"samples_per_s": [r["samples_per_s"] for r in rows],
-                               "total_samples_per_s": sum(r["samples_per_s"] for r in rows),
-                               "windows": [r["window"] for r in rows]}
-    out["ratio"] = out["2_process"]["total_samples_per_s"] / out["1_process"]["total_samples_per_s"]
-    out["setting"] = {"frames": frames, "amp": amp}
-    return out
-
-
-def step_6_packing(ctx: Ctx) -> dict:
-    """Two trials on one GPU: the GPU-level gain (two step benchmarks) and the step-5 grid at 0.5 GPU per trial."""
-    result = {"pair": _pair(ctx)}
-    ctx.write("6_packing", result)
-    extra = ["--cpus-per-trial", "1", "--gpus", "0"] if ctx.rehearse else ["--gpus", "1", "--gpus-per-trial", "0.5"]
-    result["ray"] = _orchestrate(ctx, "gpu05", extra)
-    one = ctx.out / "5_ray.json"
-    if one.is_file():
-        base = json.loads(one.read_text())
-        if base.get("trial_span_s") and result["ray"].get("trial_span_s"):
-            result["ray_span_ratio"] = base["trial_span_s"] / result["ray"]["trial_span_s"]
-            result["ray_wall_ratio"] = base["wall_s"] / result["ray"]["wall_s"]
-    return result
+VARIANTS = (  # (name, fused AdamW, compile mode): what the trials can run (--compile), at the grid's batch sizes
+    ("eager foreach", False, None), ("eager fused", True, None), ("reduce-overhead fused", True, "reduce-overhead"),
+)
 
 
 def step_7_compile(ctx: Ctx) -> dict | None:
-    """torch.compile vs eager at 400 frames with AMP; added to 1_step.json."""
-    from step import measure
+    """The step at the grid's batch sizes (8, 16) and both AMP kinds (bf16, and fp16 + GradScaler as on a T4): foreach
+    vs fused AdamW, eager vs torch.compile (CUDA graphs), with each compile's cost; rows added to 1_step.json."""
+    from flops import PEAK_TFLOPS
+    from step import device_name, measure
 
     device = _device()
-    amp = "off" if ctx.rehearse else _amp_name(device)
-    batch, steps, warmup = (2, 1, 1) if ctx.rehearse else (16, 10, 3)
-    eager = measure(ctx.frames[1], amp, batch, steps, warmup, device, tiny=ctx.rehearse)
-    backend = "eager" if ctx.rehearse else "inductor"  # rehearsal: trace only (inductor's C++ build takes minutes on CPU)
-    compiled = measure(ctx.frames[1], amp, batch, steps, warmup, device, compile=backend, tiny=ctx.rehearse)
+    peak = PEAK_TFLOPS.get(device_name(device))
     path = ctx.out / "1_step.json"
     step1 = json.loads(path.read_text()) if path.is_file() else {}
-    step1["compile"] = {"eager": eager, "compiled": compiled, "speedup": compiled["samples_per_s"] / eager["samples_per_s"]}
+    step1["variants"] = []
+    amps = ("off",) if ctx.rehearse else ("bf16", "fp16") if _amp_name(device) == "bf16" else ("fp16",)
+    steps, warmup = (1, 1) if ctx.rehearse else (20, 6)
+    for name, fused, mode in VARIANTS:
+        for amp in amps:
+            for batch in ((2,) if ctx.rehearse else (8, 16)):
+                if mode and (amp == "fp16" or ctx.rehearse and batch != 2):
+                    continue  # compiled: bf16 only on the GPU (the warm-up compiles, ~40 s each)
+                backend = ("eager" if ctx.rehearse else "inductor") if mode else None  # rehearsal: trace only
+                row = measure(ctx.frames[1], amp, batch, steps, warmup, device, compile=backend, tiny=ctx.rehearse,
+                              fused=fused and device.type == "cuda", mode=None if ctx.rehearse else mode)
+                row.update(name=name, mfu=row["achieved_tflops"] / (peak[0] if amp == "off" else peak[1]) if peak else None)
+                step1["variants"].append(row)
+                print(json.dumps(row), flush=True)
+                ctx.write("1_step", step1)
+                _free()
+    eager = next(r for r in step1["variants"] if r["name"] == "eager foreach")
+    compiled = next((r for r in step1["variants"] if r["compile"] and r["batch"] == eager["batch"] and r["amp"] == eager["amp"]), None)
+    if compiled:
+        step1["compile"] = {"eager": eager, "compiled": compiled, "speedup": compiled["samples_per_s"] / eager["samples_per_s"]}
     ctx.write("1_step", step1)
     return None  # written into 1_step.json
 
 
-
-STEP_FUNCTIONS = {
+STEP_FUNCTIONS = {  # the Ray steps (5_ray, 6_packing) are in gpu_steps_ray.py
     "0_prepare": step_0_prepare, "1_step": step_1_step, "2_t4_memory": step_2_t4_memory, "3_oom": step_3_oom,
-    "4_seed_vs_ours": step_4_seed_vs_ours, "5_ray": step_5_ray, "6_packing": step_6_packing,
-    "7_compile": step_7_compile,
+    "4_seed_vs_ours": step_4_seed_vs_ours, "7_compile": step_7_compile,
 }

@@ -33,11 +33,12 @@ def device_name(device: torch.device) -> str:
 
 
 def training_step(frames: int, amp: str, batch: int, device: torch.device, attn: str = "sdpa", compile: str | None = None,
-                  config=None):
+                  config=None, fused: bool = False, mode: str | None = None):
     """(step, model): ``step()`` runs one AdamW step of AST (AST-base unless ``config``) on fixed random input.
 
     ``amp``: off, bf16 or fp16 (fp16 with a GradScaler, as on a T4). ``compile``: a torch.compile backend
-    ("inductor" for speed; "eager" only traces, for rehearsals), or None; the first calls compile.
+    ("inductor" for speed; "eager" only traces, for rehearsals), or None; the first calls compile; ``mode`` its mode
+    (inductor: "reduce-overhead" = CUDA graphs). ``fused``: AdamW's fused kernel (the trials' optimizer on CUDA).
     """
     from transformers import ASTForAudioClassification
 
@@ -46,8 +47,8 @@ def training_step(frames: int, amp: str, batch: int, device: torch.device, attn:
     config._attn_implementation = attn
     model = ASTForAudioClassification(config).to(device)
     model.train()
-    net = torch.compile(model, backend=compile) if compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    net = torch.compile(model, backend=compile, mode=mode) if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused or None)
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     x = torch.randn(batch, frames, 128, device=device)
@@ -90,13 +91,15 @@ def wait_for_peers(sync_dir: str, count: int, timeout_s: float = 300) -> None:
 
 
 def measure(frames: int, amp: str, batch: int, steps: int, warmup: int, device: torch.device, attn: str = "sdpa",
-            compile: str | None = None, sync: tuple[str, int] | None = None, tiny: bool = False) -> dict:
+            compile: str | None = None, sync: tuple[str, int] | None = None, tiny: bool = False, fused: bool = False,
+            mode: str | None = None) -> dict:
     """Time ``steps`` training steps of AST-base after ``warmup`` untimed ones; one row of figures.
 
     ``sync`` = (folder, count): after the warm-up, wait until ``count`` processes are ready, so that they all time
     the same window (trials packed on one GPU). ``tiny``: a 2-layer model instead of AST-base (rehearsals).
     """
-    step, model = training_step(frames, amp, batch, device, attn, compile, tiny_config(frames) if tiny else None)
+    step, model = training_step(frames, amp, batch, device, attn, compile, tiny_config(frames) if tiny else None, fused,
+                                mode)
     began = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -114,7 +117,8 @@ def measure(frames: int, amp: str, batch: int, steps: int, warmup: int, device: 
     samples_per_s = batch * steps / seconds
     row = {"frames": frames, "amp": amp, "batch": batch, "steps": steps, "samples_per_s": samples_per_s,
            "achieved_tflops": samples_per_s * ast_train_flops(frames) / 1e12,
-           "train_tflop_per_clip": ast_train_flops(frames) / 1e12, "compile": compile, "warmup_s": warmup_s,
+           "train_tflop_per_clip": ast_train_flops(frames) / 1e12, "compile": compile, "compile_mode": mode,
+           "fused_adamw": fused, "warmup_s": warmup_s,
            "window": [wall_start, wall_start + seconds]}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

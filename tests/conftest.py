@@ -22,12 +22,45 @@ def synth_root(tmp_path_factory):
     return root
 
 
+DEMO_SOURCES = ("demo.py", "synth.py", "model.py", "features.py", "audio.py", "steps.py", "train.py", "oom.py", "data.py")
+
+
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-    """(dataset, tiny pretrained AST) exactly as the demo builds them: the learnable setting."""
+    """(dataset, tiny pretrained AST) exactly as the demo builds them: the learnable setting.
+
+    Building them takes about a minute (the pretraining); they are kept between test sessions under
+    ~/.cache/ast-cv/test-assets (ASTCV_TEST_ASSETS overrides), keyed by the code that builds them and the library
+    versions, so a change to any of those builds them anew. Tests copy what they modify.
+    """
+    import hashlib
+    import shutil
+    from importlib import metadata
+    from pathlib import Path
+
     from trainable.demo import ensure_demo_assets
 
-    return ensure_demo_assets(tmp_path_factory.mktemp("demo"))
+    root = Path(__file__).resolve().parent.parent / "trainable"
+    h = hashlib.sha256()
+    for name in DEMO_SOURCES:
+        h.update((root / name).read_bytes())
+    for package in ("torch", "transformers", "numpy", "soundfile", "torchaudio"):
+        h.update(metadata.version(package).encode())
+    cache = Path(os.environ.get("ASTCV_TEST_ASSETS", "~/.cache/ast-cv/test-assets")).expanduser()
+    done = cache / f"demo-{h.hexdigest()[:16]}"
+    if not (done / "tiny-ast" / "model.safetensors").is_file():
+        building = tmp_path_factory.mktemp("demo")
+        ensure_demo_assets(building)
+        cache.mkdir(parents=True, exist_ok=True)
+        staged = cache / f".{done.name}.{os.getpid()}"
+        for part in ("data", "tiny-ast"):  # not the pretraining data
+            shutil.copytree(building / part, staged / part)
+        shutil.rmtree(done, ignore_errors=True)
+        staged.rename(done)
+        for old in cache.glob("demo-*"):  # assets of older code are dead weight
+            if old != done:
+                shutil.rmtree(old, ignore_errors=True)
+    return done / "data", done / "tiny-ast"
 
 
 @pytest.fixture(scope="session")

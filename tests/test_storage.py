@@ -28,7 +28,6 @@ from trainable.storage import StorageFull, is_disk_full
 from trainable.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
 def tiny_config(data_root, model, **kw):
@@ -113,34 +112,45 @@ def test_storage_full_reaches_the_driver_through_rays_error_text():
     assert StorageFull.from_error_text("ValueError: nothing to do with disks", "/runs/y") is None
 
 
-def _orchestrate(demo_assets, storage, name, *extra, env=None):
+def _orchestrate(demo_assets, storage, name, *extra):
+    """orchestrate.main in this process (Ray starts and stops in it); its exit status."""
+    import orchestrate
+
     data, model = demo_assets
-    args = ["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3", "--test-folds", "1",
-            "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "3", "--num-workers", "0", "--gpus", "0",
-            "--storage-path", str(storage), "--name", name, *extra]
-    return subprocess.run([sys.executable, "orchestrate.py", *args], cwd=ROOT, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=300)
+    return orchestrate.main(["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3", "--test-folds",
+                             "1", "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "3", "--num-workers", "0", "--gpus",
+                             "0", "--storage-path", str(storage), "--name", name, *extra])
 
 
 def _epochs(trial: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (trial / "result.json").read_text().splitlines() if line.strip()]
 
 
+def _one_error_line(err: str) -> str:
+    """The stop's message: the last line, the only error (progress lines before it, such as the cache's, are not)."""
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "run the same command again" in last, err
+    return last
+
+
 @pytest.mark.slow
-def test_injected_disk_full_stops_in_one_line_and_the_rerun_finishes(demo_assets, tmp_path):
+def test_injected_disk_full_stops_in_one_line_and_the_rerun_finishes(demo_assets, tmp_path, capsys, monkeypatch):
     tmp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths live under TMPDIR
-    first = _orchestrate(demo_assets, tmp_path, "full", env={SIMULATE_DISK_FULL_ENV: "2", "TMPDIR": str(tmp)})
-    assert first.returncode == 2, first.stdout + first.stderr
-    last = first.stderr.strip().splitlines()[-1]  # progress lines before it (the feature cache) are not errors
-    assert last.startswith("error: ") and first.stderr.count("error:") == 1
-    assert "is full" in last and "run the same command again" in last
-    assert "Traceback" not in first.stdout + first.stderr
-    assert not list(tmp.glob("astcv-*"))  # no temporary checkpoint left behind (Ray keeps its session in ray/)
-    second = _orchestrate(demo_assets, tmp_path, "full", env={"TMPDIR": str(tmp)})
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "Resuming" in second.stdout
-    assert _epochs(tmp_path / "full" / trial_dirname(1, 1e-3, 8)) == [1, 2, 3]  # epoch 1 was not redone
-    shutil.rmtree(tmp, ignore_errors=True)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv(SIMULATE_DISK_FULL_ENV, "2")
+    try:
+        assert _orchestrate(demo_assets, tmp_path, "full") == 2
+        captured = capsys.readouterr()
+        assert "is full" in _one_error_line(captured.err) and "Traceback" not in captured.out
+        assert not list(tmp.glob("astcv-*"))  # no temporary checkpoint left behind (Ray keeps its session in ray/)
+        monkeypatch.delenv(SIMULATE_DISK_FULL_ENV)
+        assert _orchestrate(demo_assets, tmp_path, "full") == 0, capsys.readouterr().err
+        assert "Resuming" in capsys.readouterr().out
+        assert _epochs(tmp_path / "full" / trial_dirname(1, 1e-3, 8)) == [1, 2, 3]  # epoch 1 was not redone
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -157,19 +167,16 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_real_full_disk_stops_the_run_keeps_finished_trials_and_the_rerun_completes(demo_assets, small_disk):
+def test_a_real_full_disk_stops_the_run_keeps_finished_trials_and_the_rerun_completes(demo_assets, small_disk, capsys):
     args = ("--test-folds", "1", "2", "--epochs", "2", "--cpus-per-trial", "2", "--keep-checkpoints", "all",
             "--no-space-check")
-    first = _orchestrate(demo_assets, small_disk, "exp", *args)
-    assert first.returncode == 2, first.stdout + first.stderr
-    assert f"{small_disk}/exp is full" in first.stderr and "Traceback" not in first.stdout + first.stderr
-    assert first.stderr.count("error:") == 1
+    assert _orchestrate(demo_assets, small_disk, "exp", *args) == 2
+    assert f"{small_disk}/exp is full" in _one_error_line(capsys.readouterr().err)
     exp = small_disk / "exp"
     finished = {d.name: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file() and p.suffix != ".csv"}
                 for d in exp.glob("fold*") if (d / "result.json").is_file() and 2 in _epochs(d)}
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
-    second = _orchestrate(demo_assets, small_disk, "exp", *args)
-    assert second.returncode == 0, second.stdout + second.stderr
+    assert _orchestrate(demo_assets, small_disk, "exp", *args) == 0, capsys.readouterr().err
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["complete"] and summary["trials_finished"] == 2
     for name, files in finished.items():  # finished trials were neither rerun nor damaged
@@ -314,7 +321,7 @@ def s3(tmp_path, monkeypatch):
 def _uri_args(demo_assets, storage, *extra):
     data, model = demo_assets
     return ["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3", "--lrs", "1e-3",
-            "--batch-sizes", "8", "--epochs", "2", "--num-workers", "0", "--gpus", "0", "--storage-path", storage,
+            "--batch-sizes", "8", "--epochs", "1", "--num-workers", "0", "--gpus", "0", "--storage-path", storage,
             "--name", "uri", *extra]
 
 
@@ -331,7 +338,7 @@ def test_s3_storage_resumes_without_retraining_and_reports_into_the_bucket(demo_
     capsys.readouterr()
     assert orchestrate.main(args) == 0  # the same command again: nothing to train
     out = capsys.readouterr().out
-    assert "Resuming" in out and " epoch 1/2" not in out
+    assert "Resuming" in out and " epoch 1/1" not in out
     assert store.read_text(f"{trial}/result.json") == before
     summary = json.loads(store.read_text("summary.json"), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert summary["complete"] and summary["best_model_dir"] == f"{s3}/uri/best_model"
@@ -353,7 +360,7 @@ def test_file_uri_storage_resumes_and_test_folds_can_grow(demo_assets, tmp_path,
     capsys.readouterr()
     assert orchestrate.main(_uri_args(demo_assets, storage, "--test-folds", "1", "2")) == 0
     out = capsys.readouterr().out
-    assert "Adding test fold(s) 2" in out and "fold02_lr1e-03_bs8 epoch 2/2" in out
+    assert "Adding test fold(s) 2" in out and "fold02_lr1e-03_bs8 epoch 1/1" in out
     assert "fold01_lr1e-03_bs8 epoch" not in out  # fold 1 was not trained again
     assert (exp / trial_dirname(1, 1e-3, 8) / "result.json").read_bytes() == first
     summary = json.loads((exp / "summary.json").read_text())

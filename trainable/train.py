@@ -226,11 +226,8 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         state, best = restore(restore_dir, model, optimizer, scaler)
         laps.lap("restore")
     micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
-    log.info(
-        "fold %d (val %s): %d train / %d val / %d test clips on %s%s",
-        config.test_fold, config.val_fold or "auto", len(data.train), len(data.val), len(data.test), device,
-        f" with {dtype} autocast" if dtype else "",
-    )
+    log.info("fold %d (val %s): %d train / %d val / %d test clips on %s%s", config.test_fold, config.val_fold or "auto",
+             len(data.train), len(data.val), len(data.test), device, f" with {dtype} autocast" if dtype else "")
     generator = torch.Generator()
     train_loader = make_loader(config, data.train, device, shuffle=True, generator=generator)
     val_loader, test_loader = make_loader(config, data.val, device), make_loader(config, data.test, device)
@@ -254,10 +251,8 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
         state.epoch, state.micro_batch_size = epoch, micro.size
         state.history.append(metrics)
-        log.info(
-            "epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)",
-            epoch, config.epochs, train_loss, val[1], test[1], metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps,
-        )
+        log.info("epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)", epoch,
+                 config.epochs, train_loss, val[1], test[1], metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps)
         resumable = epoch < config.epochs or config.keep_checkpoints == "all"
         with temp_dir("ckpt") as tmp:
             save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames, best, resumable)

@@ -78,6 +78,23 @@ def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:
     return None
 
 
+def worker_startup() -> dict[str, Any]:
+    """Whether this trial runs in a worker that ran another trial before (Tune reuses them), and if not, the seconds
+    from the process's start to here (Ray starting the worker, Python, torch, unpickling the trial)."""
+    global _trials_in_this_process
+    reused = _trials_in_this_process > 0
+    _trials_in_this_process += 1
+    return {"reused_worker": reused, "worker_s": 0.0 if reused else process_age()}
+
+
+def local_disk_full(exc: BaseException) -> StorageFull:
+    """StorageFull for a local write of the trial (the temporary checkpoint, the feature cache)."""
+    where = str(getattr(exc, "filename", None) or tempfile.gettempdir())
+    if where.startswith(tempfile.gettempdir()):
+        return StorageFull(tempfile.gettempdir(), "a local file could not be written", "TMPDIR=/a/larger/disk")
+    return StorageFull(where, "a local file could not be written", "--cache-dir on a larger disk")
+
+
 def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: str = "", board: str | None = None) -> None:
     """Ray Tune entry point: one fold x config. ``base`` holds the fixed settings, ``trial_config`` the grid,
     ``exp_dir`` the experiment folder (named when the disk is full), ``board`` the name of the actor that takes
@@ -87,10 +104,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
     newest older one that is intact, else from scratch, with a warning each time. A full disk ends the trial with
     ``StorageFull``, which the driver turns into one message and a stop of the whole run.
     """
-    global _trials_in_this_process
-    reused = _trials_in_this_process > 0
-    _trials_in_this_process += 1
-    startup = {"reused_worker": reused, "worker_s": 0.0 if reused else process_age()}  # process start to here
+    startup = worker_startup()
     began = time.perf_counter()
     import ray
     import torch
@@ -133,9 +147,5 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
             raise
         except Exception as exc:
             if is_disk_full(exc):  # the local temporary checkpoint or the feature cache could not be written
-                where = str(getattr(exc, "filename", None) or tempfile.gettempdir())
-                if where.startswith(tempfile.gettempdir()):
-                    where = tempfile.gettempdir()
-                raise StorageFull(where, "a local file could not be written",
-                                  "TMPDIR=/a/larger/disk" if where == tempfile.gettempdir() else "--cache-dir on a larger disk") from exc
+                raise local_disk_full(exc) from exc
             raise
