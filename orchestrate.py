@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from search_spaces import SPACES
 from trainable.cli import run_cli
-from trainable.config import add_config_arguments, set_by_orchestrator
+from trainable.config import add_config_arguments, auto_or, set_by_orchestrator
 from trainable.errors import AstCvError
 from trainable.experiment import FINAL_MODEL, REPORT, SUMMARY, format_lr, update_manifest, write_manifest
 from trainable.lock import ExperimentLock
@@ -81,7 +81,7 @@ def _cache_and_resources(cache, res) -> None:
     res.add_argument("--gpus", type=float, default=None,
                      help="GPUs for a local Ray start (default: as many as torch sees; 0 = CPU only). Asking for GPUs "
                      "torch cannot see is an error")
-    res.add_argument("--gpus-per-trial", type=gpu_fraction, default=None,
+    res.add_argument("--gpus-per-trial", type=auto_or(float, "a number"), default=None,
                      help="GPUs per trial: a number (fractions such as 0.5 pack trials on one card; 0 = CPU) or auto "
                      "(the default): 0.5 on cards of 40 GB or more, where two packed trials measured 1.9-2x the "
                      "trials per hour, else 1; 0 without GPUs")
@@ -112,15 +112,6 @@ def _results(out) -> None:
                      help="only (re)write summary.json, report.md, plots and best_model/ of an existing experiment (a "
                      "folder or a URI); exit status 1 when no model could be exported")
     out.add_argument("--debug", action="store_true", help="show full tracebacks and Ray's own output")
-
-
-def gpu_fraction(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def ensure_writable(exp_dir: Path) -> None:

@@ -25,16 +25,11 @@ def test_reducer_imports_neither_torch_nor_ray():
 
 
 def test_report_only_runs_without_torch_or_ray(tmp_path):
-    from trainable.experiment import trial_dirname, write_manifest
+    from fakes import fake_experiment, fake_trial
 
-    exp = tmp_path / "exp"
-    write_manifest(exp, base_config={"epochs": 1, "seed": 0, "folds": [1, 2, 3]},
-                   grid={"test_fold": [1, 2, 3], "lr": [1e-3], "batch_size": [8]}, classes=["a", "b"], command=["x"])
+    exp = fake_experiment(tmp_path / "exp")
     for fold in (1, 2, 3):
-        d = exp / trial_dirname(fold, 1e-3, 8)
-        d.mkdir()
-        (d / "params.json").write_text(json.dumps({"test_fold": fold, "lr": 1e-3, "batch_size": 8}))
-        (d / "result.json").write_text(json.dumps({"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.25 * fold}) + "\n")
+        fake_trial(exp, fold, [{"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.25 * fold}])
     # exit status 1: the trials kept no checkpoint, so no model could be exported (the report says so)
     code = f"import orchestrate; assert orchestrate.main(['--report-only', {str(exp)!r}]) == 1"
     assert _heavy_modules(code) == []

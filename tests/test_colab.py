@@ -69,7 +69,6 @@ def _index_reachable(tmp_path) -> bool:
 
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom_on_the_demo(demo_assets, tmp_path):
-    pytest.importorskip("IPython")
     if not _index_reachable(tmp_path):
         pytest.skip("pip install -e . needs the package index (for its build backend)")
     data, model = demo_assets

@@ -15,7 +15,7 @@ import pytest
 
 import orchestrate
 from trainable.data import US8K_FOLD_SIZES
-from trainable.experiment import trial_dirname, write_manifest
+from trainable.experiment import trial_dirname
 from trainable.progress import Estimate, Progress, TrialView, eta_seconds
 from trainable.reduce import summarize
 from trainable.report import comparison_verdict, render_report
@@ -139,13 +139,10 @@ def test_headline_interval_is_corrected_for_overlapping_training_sets():
 
 
 def test_summary_json_is_strict_json(tmp_path):
-    exp = tmp_path / "exp"
-    write_manifest(exp, base_config={"epochs": 1, "seed": 0, "folds": [1, 2, 3]},
-                   grid={"test_fold": [1, 2, 3], "lr": [1e-3], "batch_size": [8]}, classes=["a", "b"], command=["x"])
-    d = exp / trial_dirname(1, 1e-3, 8)
-    d.mkdir()
-    (d / "params.json").write_text(json.dumps({"test_fold": 1, "lr": 1e-3, "batch_size": 8}))
-    (d / "result.json").write_text(json.dumps({"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.5, "val_loss": float("nan")}) + "\n")
+    from fakes import fake_experiment, fake_trial
+
+    exp = fake_experiment(tmp_path / "exp")
+    fake_trial(exp, 1, [{"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.5, "val_loss": float("nan")}])
     summarize(exp)
     text = (exp / "summary.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))  # one fold: std and ci95 are null
@@ -179,9 +176,13 @@ def test_in_epoch_progress_line_when_nothing_was_said_for_a_minute():
     p.seed([TrialView("a", "RUNNING", 0)])
     p.poll([TrialView("a", "RUNNING", 0)], [("a", {"epoch": 1, "step": 10, "steps": 100, "samples_per_s": 3.0, "time": 1})])
     assert lines == []  # a line came less than a minute ago (the start)
-    p.last_line -= 61
     p.poll([TrialView("a", "RUNNING", 0)], [("a", {"epoch": 1, "step": 40, "steps": 100, "samples_per_s": 3.2, "time": 2})])
-    assert len(lines) == 1 and "step 40/100" in lines[0] and "3 samples/s" in lines[0]
+    p.last_line -= 61
+    p.poll([TrialView("a", "RUNNING", 0)])  # no new message: the latest one is shown once a minute has passed
+    assert len(lines) == 1 and "batch 40/100" in lines[0] and "3 samples/s" in lines[0] and "training" in lines[0]
+    p.poll([TrialView("a", "RUNNING", 0)], [("a", {"epoch": 1, "phase": "validation", "step": 2, "steps": 9,
+                                                   "samples_per_s": 8.0, "time": 3})])
+    assert len(lines) == 1  # shown at the next minute without a line
 
 
 @pytest.mark.slow
@@ -255,3 +256,55 @@ def test_gpus_per_trial_auto_packs_two_trials_on_big_cards_only():
     assert big.gpus_per_trial == 0.5 and big.slots(16) == 2
     assert plan(0.25, memory=139.8).gpus_per_trial == 0.25  # asked for
     assert plan(None, gpus=0).gpus_per_trial == 0.0
+
+
+def test_remaining_tracebacks_are_one_line(tmp_path, exported, capsys):
+    import shutil
+
+    import predict
+    from trainable import cache
+    from trainable.errors import AstCvError
+    from trainable.plan import probe_address
+
+    assert cache.main(["--data-root", str(tmp_path / "nonexistent"), "--cache-dir", str(tmp_path / "c")]) == 2
+    broken = tmp_path / "model"
+    shutil.copytree(exported, broken)
+    (broken / "config.json").write_text("{not json")
+    assert predict.main(["--model", str(broken), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 2 and "does not exist" in err and "is damaged" in err
+    start = time.time()
+    with pytest.raises(AstCvError, match="Cannot reach the Ray cluster at --address 127.0.0.1:1"):
+        probe_address("127.0.0.1:1", timeout=2)  # nothing listens on port 1
+    assert time.time() - start < 5
+
+
+@pytest.mark.slow
+def test_in_epoch_news_travels_from_a_ray_worker_to_the_console():
+    import ray
+
+    from trainable.tuner import progress_board
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        board = progress_board("astcv-progress-test")  # noqa: F841  (held: an actor without a handle is stopped)
+
+        @ray.remote
+        def trial():  # what a trial's on_progress does
+            ray.get_actor("astcv-progress-test").post.remote("t", {"epoch": 1, "step": 5, "steps": 9,
+                                                                   "samples_per_s": 12.0, "time": 1.0})
+
+        ray.get(trial.remote())
+        lines = []
+        p = Progress(["t"], set(), epochs=1, slots=1, out=lambda *a, **k: lines.append(a[0]))
+        p.last_line -= 61
+        messages = []
+        for _ in range(50):  # the post is asynchronous
+            messages = ray.get(ray.get_actor("astcv-progress-test").drain.remote())
+            if messages:
+                break
+            time.sleep(0.1)
+        p.poll([TrialView("t", "RUNNING", 0)], messages)
+        assert len(lines) == 1 and "batch 5/9" in lines[0] and "12 samples/s" in lines[0]
+    finally:
+        ray.shutdown()

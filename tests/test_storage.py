@@ -20,7 +20,7 @@ from transformers import ASTForAudioClassification
 from trainable.checkpoint import SIMULATE_DISK_FULL_ENV, TrainerState, save_checkpoint, snapshot_weights
 from trainable.config import TrainConfig
 from trainable.errors import AstCvError
-from trainable.experiment import trial_dirname, write_manifest
+from trainable.experiment import trial_dirname
 from trainable.footprint import Footprint
 from trainable.lock import LOCK, ExperimentLock
 from trainable.reduce import summarize
@@ -186,20 +186,14 @@ def test_a_real_full_disk_stops_the_run_keeps_finished_trials_and_the_rerun_comp
 
 
 def test_reducer_reads_the_grid_point_when_params_json_is_unreadable(tmp_path):
-    exp = tmp_path / "exp"
-    write_manifest(exp, base_config={"epochs": 1, "seed": 0, "folds": [1, 2, 3]},
-                   grid={"test_fold": [1, 2, 3], "lr": [1e-3], "batch_size": [8]}, classes=["a", "b"], command=["x"])
-    for fold in (1, 2, 3):
-        d = exp / trial_dirname(fold, 1e-3, 8)
-        d.mkdir()
-        row = {"epoch": 1, "val_accuracy": 0.5, "test_accuracy": 0.2 * fold}
-        if fold == 1:
-            (d / "params.json").write_text(json.dumps({"test_fold": 1, "lr": 1e-3, "batch_size": 8}))
-        elif fold == 2:
-            (d / "params.json").write_text("")  # left at 0 bytes by a sync on a full disk
-            row["config"] = {"test_fold": 2, "lr": 1e-3, "batch_size": 8}
-        # fold 3: no params.json and no config in the rows: the folder's name says it
-        (d / "result.json").write_text(json.dumps(row) + "\n")
+    from fakes import fake_experiment, fake_trial
+
+    exp = fake_experiment(tmp_path / "exp")
+    row = {"epoch": 1, "val_accuracy": 0.5}
+    fake_trial(exp, 1, [{**row, "test_accuracy": 0.2}])
+    fake_trial(exp, 2, [{**row, "test_accuracy": 0.4, "config": {"test_fold": 2, "lr": 1e-3, "batch_size": 8}}],
+               params="")  # left at 0 bytes by a sync on a full disk: the rows carry the config
+    fake_trial(exp, 3, [{**row, "test_accuracy": 0.6}], params=None)  # nothing but the folder's name
     s = summarize(exp)
     assert s["complete"] and [p["fold"] for p in s["per_fold"]] == [1, 2, 3]
 

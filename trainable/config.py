@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 from .errors import AstCvError
 
@@ -165,15 +165,21 @@ def set_by_orchestrator() -> tuple[str, ...]:
     return tuple(f.name for f in config_fields() if "orchestrator" in f.metadata)
 
 
-def frames_arg(text: str) -> int | str:
-    """``--num-frames`` value: a whole number, or 'auto' (the smallest count holding the longest clip)."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+def auto_or(kind: type, what: str) -> Callable[[str], Any]:
+    """An argparse type: the word 'auto', or a value of ``kind`` (``what`` names it in the error)."""
 
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'auto', got {text!r}") from None
+
+    return parse
+
+
+frames_arg = auto_or(int, "a whole number")  # --num-frames: 'auto' = the smallest count holding the clips
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (), only_if_given: bool = False) -> None:
     """Add one ``--flag`` per config field (help and default from the dataclass), except ``exclude``.

@@ -110,6 +110,7 @@ class Progress:
         self.max_running = 1
         self.announced = False
         self.last_line = time.time()
+        self.news: dict[str, Any] = {}  # the latest in-epoch message, not shown yet
         self.trials: list[TrialView] = []
 
     # ------------------------------------------------------------- state
@@ -184,6 +185,8 @@ class Progress:
         if SETUP_SECONDS in result and not self.est.setup_s:
             self.est.setup_s.append(float(result[SETUP_SECONDS]))
         self.last_report_at[name] = now
+        self.trials = [TrialView(t.name, t.status, max(t.epochs_done, int(result[EPOCH])), t.last_result)
+                       if t.name == name else t for t in self.trials]  # Ray's view may lag by this very result
         if result[VAL_ACCURACY] > self.best[0]:
             self.best = (result[VAL_ACCURACY], name)
         self._line(f"{name} epoch {result[EPOCH]}/{self.epochs}: val_acc {result[VAL_ACCURACY]:.3f} "
@@ -226,19 +229,19 @@ class Progress:
             self._line(f"{name} failed: {error}; retrying from its last checkpoint (full traceback: {where})")
 
     def poll(self, ray_trials: list[TrialView], messages: Iterable[tuple[str, Mapping[str, Any]]] = ()) -> None:
-        """Called often by the Tune loop: the latest news from inside running epochs."""
-        latest = {}
+        """Called every few seconds by the Tune loop: keep the latest news from inside running epochs, and show it
+        when no line came for STEP_LINE_EVERY_S."""
         for name, message in messages:
-            latest[name] = message
-        if latest:
+            if message.get("time", 0) >= self.news.get("time", 0):
+                self.news = {**message, "trial": name}
+        if self.news and time.time() - self.last_line >= STEP_LINE_EVERY_S:
             self.seed(ray_trials)
-            name, message = max(latest.items(), key=lambda kv: kv[1].get("time", 0))
-            self.step(name, message)
+            self.step(self.news.pop("trial"), self.news)
+            self.news = {}
 
     def step(self, name: str, message: Mapping[str, Any]) -> None:
-        """A trial's news from inside an epoch (step, samples/s), shown when no line came for STEP_LINE_EVERY_S."""
-        if time.time() - self.last_line < STEP_LINE_EVERY_S:
-            return
-        self._line(f"{name} epoch {message['epoch']}/{self.epochs}: step {message['step']}/{message['steps']} "
+        """A trial's news from inside an epoch: where it is (training, validation, test), at what pace."""
+        phase = message.get("phase", "training")
+        self._line(f"{name} epoch {message['epoch']}/{self.epochs}, {phase}: batch {message['step']}/{message['steps']} "
                    f"({message['samples_per_s']:.0f} samples/s)")
 

@@ -115,11 +115,14 @@ class EpochWatch:
         if len(self._window) >= stride or i == self.steps:
             self.points.append([self.first_step + i - 1, sum(self._window) / len(self._window), lr])
             self._window.clear()
+        self.news(phase="training", step=i, steps=self.steps, samples_per_s=seen / max(seconds, 1e-9))
+
+    def news(self, **message: Any) -> None:
+        """Tell ``on_progress`` (at most every ``every_s``): where the epoch is (training, or an evaluation)."""
         now = time.perf_counter()
         if self.on_progress is not None and now - self._last >= self.every_s:
             self._last = now
-            self.on_progress({"epoch": self.epoch, "step": i, "steps": self.steps,
-                              "samples_per_s": seen / max(seconds, 1e-9), "time": time.time()})
+            self.on_progress({"epoch": self.epoch, "time": time.time(), **message})
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro: MicroBatch,
@@ -144,10 +147,10 @@ def train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro: Micr
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, dtype, micro: MicroBatch, num_classes: int,
-             pad_to: int | None = None) -> tuple[float, float, np.ndarray]:
+def evaluate(model, loader, device, dtype, micro: MicroBatch, num_classes: int, pad_to: int | None = None,
+             watch: EpochWatch | None = None, phase: str = "evaluation") -> tuple[float, float, np.ndarray]:
     """Mean loss, accuracy and confusion matrix [true, predicted] over ``loader`` (every clip counted: a short batch
-    padded to ``pad_to`` is cut back before scoring)."""
+    padded to ``pad_to`` is cut back before scoring); ``watch`` hears where it is (``phase``)."""
     model.eval()
     loss_sum, confusion = 0.0, np.zeros((num_classes, num_classes), dtype=np.int64)
 
@@ -155,7 +158,8 @@ def evaluate(model, loader, device, dtype, micro: MicroBatch, num_classes: int,
         return torch.cat([forward(model, xs.to(device, non_blocking=True), micro.rehearsal).float()
                           for xs in x.split(micro.size)])
 
-    for x, y in loader:
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(loader, 1):
         n = x.shape[0]
         x, _ = pad_batch(x, None, pad_to)
         with _autocast(device, dtype):
@@ -163,5 +167,8 @@ def evaluate(model, loader, device, dtype, micro: MicroBatch, num_classes: int,
         y = y.to(device)
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
         np.add.at(confusion, (y.cpu().numpy(), logits.argmax(-1).cpu().numpy()), 1)
+        if watch is not None:
+            watch.news(phase=phase, step=i, steps=len(loader),
+                       samples_per_s=int(confusion.sum()) / max(time.perf_counter() - start, 1e-9))
     n = int(confusion.sum())
     return loss_sum / max(n, 1), float(np.trace(confusion)) / max(n, 1), confusion

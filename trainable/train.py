@@ -243,8 +243,8 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
                                                     config.max_steps_per_epoch, pad_to(config))
         if STARTUP_FIRST_STEP not in laps.times and watch.first_step_s is not None:
             laps.times[STARTUP_FIRST_STEP] = round(watch.first_step_s, 4)
-        val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad_to(config))
-        test = evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad_to(config))
+        val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad_to(config), watch, "validation")
+        test = evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad_to(config), watch, "test")
         if selection_score(val[1], epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)

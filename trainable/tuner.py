@@ -254,7 +254,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
                              f"{str(exc).splitlines()[0].rstrip('.')}. Start it with 'ray start --head' or leave --address out.") from None
         try:
             board = f"astcv-progress-{uuid.uuid4().hex[:8]}"
-            progress_board(board)
+            board_actor = progress_board(board)  # held for the run: an actor without a handle is stopped
             trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir,
                                                                  board=board), plan.resources.as_ray())
             callbacks = [make_callback(plan, progress, board), tensorboard_callback()]
@@ -272,6 +272,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             earlier = [n for n, (f, _, _) in expected_trials(plan.grid).items() if f not in new_folds]
             if new_folds and not progress.failed and progress.done(earlier):
                 fit(new_tuner(tune, plan, trainable, new_folds, callbacks, debug, max_failures), plan)
+            del board_actor
             return Outcome(failed=progress.failed, interrupted=not progress.all_done)
         finally:
             ray.shutdown()
