@@ -36,7 +36,7 @@ def _orchestrate(ctx: Ctx, name: str, extra: list[str]) -> dict:
 
 def _trial_figures(exp: Path) -> dict:
     """Summary and per-trial spans, placement and rates of an experiment folder (finished or not)."""
-    result: dict = {}
+    result: dict = {"storage_bytes": sum(p.stat().st_size for p in exp.rglob("*") if p.is_file()) if exp.is_dir() else 0}
     if (exp / "summary.json").is_file():
         s = json.loads((exp / "summary.json").read_text())
         result["summary"] = {k: s.get(k) for k in ("complete", "trials_finished", "trials_expected", "mean", "std")}

@@ -6,7 +6,7 @@ the DataLoader's workers, overlapped with the GPU: a clip costs max(GPU step, de
 Ours: AMP, --num-frames auto (400 for UrbanSound8K), feature cache (input cost ~0).
 
     python benchmarks/grid.py --step-json step.json --input-json input.json [--workers 2] [--epochs 5]
-    # What-if for a card you did not measure (say a T4), assuming the measured MFU carries over:
+    # What-if for a card you did not measure (say a T4), assuming the measured MFU carries over (or --mfu 0.25):
     python benchmarks/grid.py --step-json step.json --input-json input.json --target-peak 8.1 65 --target-name "Tesla T4"
 """
 
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--target-peak", type=float, nargs=2, metavar=("FP32", "AMP"), default=None,
                    help="project to another card with these peak TFLOP/s, keeping the measured MFU")
     p.add_argument("--target-name", default="target card", help="name of that card, for the printout")
+    p.add_argument("--mfu", type=float, default=None,
+                   help="with --target-peak: assume this MFU for ours (AMP) instead of the measured one (a what-if)")
     p.add_argument("--json", default=None, help="write the projection to this JSON file")
     args = p.parse_args(argv)
     step = json.loads(Path(args.step_json).read_text())
@@ -62,8 +64,9 @@ def main(argv=None) -> int:
         if "mfu" not in orig or "mfu" not in ours:
             p.error("--target-peak needs MFU in the step JSON (run step.py with --peak-tflops on CPU)")
         orig_sps = orig["mfu"] * args.target_peak[0] * 1e12 / ast_train_flops(args.orig_frames)
-        ours_sps = ours["mfu"] * args.target_peak[1] * 1e12 / ast_train_flops(args.ours_frames)
-        device = f"{args.target_name} (projected from {step['device']}'s MFU)"
+        ours_sps = (args.mfu or ours["mfu"]) * args.target_peak[1] * 1e12 / ast_train_flops(args.ours_frames)
+        device = (f"{args.target_name} (projected at an assumed {100 * args.mfu:.0f} % MFU for ours)" if args.mfu
+                  else f"{args.target_name} (projected from {step['device']}'s MFU)")
     input_ms = args.input_ms if args.input_ms is not None else inp["ms_per_clip_on_the_fly"]
     t_orig = args.trials * trial_hours(orig_sps, input_ms, args.workers, args.epochs)
     t_ours = args.trials * trial_hours(ours_sps, 0.0, args.workers, args.epochs)

@@ -379,3 +379,25 @@ def test_local_best_is_repaired_after_a_kill_between_last_and_best(synth_root, t
     assert train_main(args) == 0
     assert json.loads((out / "best" / "best_epoch.json").read_text())["epoch"] == held
     assert ASTForAudioClassification.from_pretrained(out / "best").config.num_labels == 10
+
+
+def test_preflight_refuses_in_one_line_when_the_disk_is_too_small(tmp_path):
+    from trainable.footprint import Need, check_space
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(AstCvError, match=f"Not enough disk space: {tmp_path} has") as refused:
+        check_space([Need(str(tmp_path), 2 * free, "checkpoints")], override=False)
+    assert "--no-space-check" in str(refused.value) and "\n" not in str(refused.value)
+    assert check_space([Need(str(tmp_path), 2 * free, "checkpoints")], override=True)[0].startswith("warning: Not enough")
+    (tmp_path / "cache").mkdir()
+    halves = [Need(str(tmp_path), int(0.6 * free), "checkpoints"), Need(str(tmp_path / "cache"), int(0.6 * free), "feature cache")]
+    assert check_space(halves[:1], override=False) == []
+    with pytest.raises(AstCvError, match="checkpoints .* \\+ feature cache"):  # one filesystem: the needs add up
+        check_space(halves, override=False)
+
+
+def test_footprint_of_the_grid_at_ast_base_size():
+    fp = Footprint(params=85_625_098, trials_left=40, at_once=1, epochs=5, keep="best")
+    assert fp.resume_bytes == pytest.approx(1.03e9, rel=0.02) and fp.best_bytes == pytest.approx(0.171e9, rel=0.02)
+    assert 6.9e9 < fp.end_bytes < 7.5e9 and fp.end_bytes < fp.peak_bytes < 10e9  # the bound: 10 GB
+    assert Footprint(85_625_098, 40, 1, 5, "all").end_bytes > 90e9  # every epoch's full checkpoint
