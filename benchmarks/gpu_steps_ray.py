@@ -99,11 +99,13 @@ def _pair(ctx: Ctx) -> dict:
 
 
 def step_6_packing(ctx: Ctx) -> dict:
-    """Two trials on one GPU: the GPU-level gain (two step benchmarks) and the step-5 grid at 0.5 GPU per trial."""
+    """Trials packed on one GPU: the GPU-level gain (1-4 step benchmarks at once) and the step-5 grid at 0.5 GPU per
+    trial. The rehearsal runs the step benchmarks only: the grid is step 5's command with another --gpus-per-trial."""
     result = {"pair": _pair(ctx)}
     ctx.write("6_packing", result)
-    extra = ["--cpus-per-trial", "1", "--gpus", "0"] if ctx.rehearse else ["--gpus", "1", "--gpus-per-trial", "0.5"]
-    result["ray"] = _orchestrate(ctx, "gpu05", extra)
+    if ctx.rehearse:
+        return result
+    result["ray"] = _orchestrate(ctx, "gpu05", ["--gpus", "1", "--gpus-per-trial", "0.5"])
     one = ctx.out / "5_ray.json"
     if one.is_file():
         base = json.loads(one.read_text())
