@@ -171,17 +171,17 @@ def _wait(predicate, proc, log, timeout=240):
 
 
 def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda trial: None):
-    """Run orchestrate.py; once the trial reported epoch 2, SIGKILL its worker process and call ``then(trial_dir)``
-    (at once: Ray needs seconds to start the retry), and wait for the run to finish (it must succeed). Returns
-    (trial folder, log path)."""
+    """Run orchestrate.py; once the trial reported epoch 2, freeze its worker process, call ``then(trial_dir)``, SIGKILL
+    the worker, and wait for the run to finish (it must succeed). Returns (trial folder, log path)."""
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "orchestrate.py", *base_args(*demo_assets, tmp_path, name, *extra)], cwd=ROOT,
                             env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     trial = tmp_path / name / trial_dirname(1, 1e-3, 8)
     try:
         row = _wait(lambda: next((r for r in _rows(trial) if r.get("epoch") == 2), None), proc, log)
-        os.kill(row["pid"], signal.SIGKILL)
+        os.kill(row["pid"], signal.SIGSTOP)  # frozen at once: no checkpoint is written after this
         then(trial)
+        os.kill(row["pid"], signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
         if proc.poll() is None:
@@ -201,12 +201,12 @@ def test_killed_worker_is_retried_and_a_damaged_latest_checkpoint_falls_back_to_
         weights = latest / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
 
-    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "5", "--debug",
+    trial, log = _kill_worker_after_epoch_2(demo_assets, tmp_path, "damaged", "--epochs", "6", "--debug",
                                             "--keep-checkpoints", "all", then=damage)  # older checkpoints are kept
     output = log.read_text()
     assert "is damaged" in output, output[-3000:]
     epochs, n = [r["epoch"] for r in _rows(trial)], newest[0]
-    assert epochs[-1] == 5 and epochs.count(n) == 2 and epochs.count(n - 1) == 1, epochs  # epoch n redone from n-1
+    assert epochs[-1] == 6 and epochs.count(n) == 2 and epochs.count(n - 1) == 1, epochs  # epoch n redone from n-1
     assert len({r["pid"] for r in _rows(trial)}) == 2  # a second worker process finished the trial
     assert json.loads((tmp_path / "damaged" / "summary.json").read_text())["complete"]
 
