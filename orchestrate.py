@@ -30,11 +30,14 @@ from trainable.prepare import warn
 from trainable.storage import is_uri, join
 
 EPILOG = """\
-Results go to STORAGE/NAME/: one folder per trial (fold03_lr5e-05_bs16/ with checkpoints, result.json and
-TensorBoard events), then summary.json, report.md, per_trial.csv and best_model/ (Hugging Face format).
+Results go to STORAGE/NAME/ (a folder or a URI): one folder per trial (fold03_lr5e-05_bs16/ with its checkpoint,
+result.json and TensorBoard events), then summary.json, report.md, per_trial.csv, plots/ and best_model/ (Hugging
+Face format). Before the first trial the run prints the disk it needs and refuses when it is not free.
 Watch training with:  tensorboard --logdir STORAGE/NAME
-Re-running the same command (or --resume) continues an interrupted experiment: finished trials are not rerun,
-running ones continue from their last epoch checkpoint. One orchestrator at a time per experiment folder.
+Re-running the same command (or --resume with --storage-path and --name only) continues an interrupted experiment:
+finished trials are not rerun, running ones continue from their last epoch checkpoint. One orchestrator at a time
+per experiment folder (a lock not refreshed for 2 minutes is taken over). Exit status: 0 done, 1 trials failed or
+unfinished, 2 a mistake to fix (one line says what), 130 interrupted.
 """
 
 
