@@ -182,7 +182,7 @@ def print_summary(summary: dict[str, Any], exp_dir: str) -> None:
         print(f"Best config on validation: lr {format_lr(b['lr'])}, batch {b['batch_size']}")
     verdict = comparison_verdict(summary)
     if verdict:
-        print(f"{verdict} (corrected resampled t-test; see the report)")
+        print(f"{verdict} (Corrected resampled t-test: see the report.)")
     if not summary["complete"]:
         print(f"Partial: {summary['trials_finished']}/{summary['trials_expected']} trials finished; "
               f"re-run the same command (or --resume) to finish.")
