@@ -25,7 +25,7 @@ from trainable.config import add_config_arguments, auto_or, set_by_orchestrator
 from trainable.errors import AstCvError
 from trainable.experiment import FINAL_MODEL, REPORT, SUMMARY, format_lr, update_manifest, write_manifest
 from trainable.lock import ExperimentLock
-from trainable.plan import DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
+from trainable.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
 from trainable.prepare import warn
 from trainable.storage import is_uri, join
 
@@ -101,9 +101,8 @@ def _results(out) -> None:
     out.add_argument("--name", default=None, help=f"experiment name, the folder under --storage-path (default: {DEFAULT_NAME}; demo with --demo)")
     out.add_argument("--resume", action="store_true",
                      help="continue the experiment NAME with its recorded data, model, grid and settings; only "
-                     "--storage-path and --name are needed (re-running the same command does this too). Changeable when "
-                     "continuing: --gpus, --gpus-per-trial, --cpus-per-trial, --address, --num-workers, --cache-dir, "
-                     "--no-cache, --max-failures, --refit, --no-space-check, and --test-folds to add folds")
+                     f"--storage-path and --name are needed (re-running the same command does this too). Changeable when "
+                     f"continuing: {CHANGEABLE_FLAGS}")
     out.add_argument("--no-space-check", action="store_true",
                      help="start even when the estimated disk need (printed before the first trial) exceeds the free space")
     out.add_argument("--max-failures", type=int, default=2,

@@ -191,8 +191,9 @@ def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda 
 
 @pytest.mark.slow
 def test_killed_worker_is_retried_and_a_damaged_latest_checkpoint_falls_back_to_an_older_one(demo_assets, tmp_path):
-    # The worker dies after its epoch-2 checkpoint (or epoch 3's, if it got that far), and its newest checkpoint is
-    # damaged (as a kill in the middle of a write leaves it): Ray's retry must fall back to the one before, not crash.
+    # The worker dies after its epoch-2 checkpoint (or a later one's, if it got that far before it froze), and its
+    # newest checkpoint is damaged (as a kill in the middle of a write leaves it): Ray's retry must fall back to the
+    # one before, not crash.
     newest = []
 
     def damage(trial):
@@ -205,9 +206,14 @@ def test_killed_worker_is_retried_and_a_damaged_latest_checkpoint_falls_back_to_
                                             "--keep-checkpoints", "all", then=damage)  # older checkpoints are kept
     output = log.read_text()
     assert "is damaged" in output, output[-3000:]
-    epochs, n = [r["epoch"] for r in _rows(trial)], newest[0]
-    assert epochs[-1] == 6 and epochs.count(n) == 2 and epochs.count(n - 1) == 1, epochs  # epoch n redone from n-1
-    assert len({r["pid"] for r in _rows(trial)}) == 2  # a second worker process finished the trial
+    rows, n = _rows(trial), newest[0]
+    pids = list(dict.fromkeys(r["pid"] for r in rows))
+    assert len(pids) == 2, rows  # a second worker process finished the trial
+    first, second = ([r["epoch"] for r in rows if r["pid"] == pid] for pid in pids)
+    # The frozen worker may have written checkpoints whose reports the driver had not taken yet, so its rows end at or
+    # before epoch n; the second worker redoes epoch n from n - 1's checkpoint, not from the damaged one, and finishes.
+    assert first == list(range(1, len(first) + 1)) and 2 <= len(first) <= n, (first, n)
+    assert second == list(range(n, 7)), (second, n)
     assert json.loads((tmp_path / "damaged" / "summary.json").read_text())["complete"]
 
 

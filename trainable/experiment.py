@@ -145,21 +145,17 @@ def git_commit(path: Path | None = None) -> str | None:
         return None
 
 
-def _store(exp: Store | str | Path) -> Store:
-    return exp if isinstance(exp, Store) else Store.open(str(exp))
-
-
 def write_manifest(exp: Store | str | Path, **fields: Any) -> None:
     """Record how the experiment was started (command, config, grid, classes, fold sizes, versions, commit), in the
     experiment folder, local or behind a URI; written whole or not at all."""
     manifest = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": package_versions(), "git_commit": git_commit()}
     manifest.update(fields)
-    _store(exp).write_text(MANIFEST, json.dumps(manifest, indent=1))
+    Store.of(exp).write_text(MANIFEST, json.dumps(manifest, indent=1))
 
 
 def update_manifest(exp: Store | str | Path, **fields: Any) -> None:
     """Change recorded fields (the grid grows when --test-folds adds folds)."""
-    store = _store(exp)
+    store = Store.of(exp)
     manifest = read_manifest(store) or {}
     manifest.update(fields)
     store.write_text(MANIFEST, json.dumps(manifest, indent=1))
@@ -167,7 +163,7 @@ def update_manifest(exp: Store | str | Path, **fields: Any) -> None:
 
 def read_manifest(exp: Store | str | Path) -> dict[str, Any] | None:
     """The experiment's manifest, None when there is none (not an experiment yet)."""
-    store = _store(exp)
+    store = Store.of(exp)
     text = store.read_text(MANIFEST)
     if text is None:
         return None

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             raise AstCvError(f"{args.output} holds a run with a different config; pass --fresh to start over or another --output.")
     run.rewrite_metrics(previous.history if restore is not None else [])
     state = fit(config, run, restore_dir=restore, on_progress=lambda m: log.info(
-        "epoch %d: step %d/%d, %.1f samples/s", m["epoch"], m["step"], m["steps"], m["samples_per_s"]))
+        "epoch %d, %s: batch %d/%d, %.1f samples/s", m["epoch"], m["phase"], m["step"], m["steps"], m["samples_per_s"]))
     print(f"best epoch {state.best_epoch}: val_accuracy {state.best_val_accuracy:.4f}, test_accuracy "
           f"{state.best_test_accuracy:.4f}; model in {run.best}")
     return 0

@@ -27,6 +27,8 @@ DEFAULT_CACHE = "~/.cache/ast-cv/features"  # local disk: fast, and never the (m
 # Config fields a continued experiment may change (with the resources and --test-folds, which may grow); the others
 # are the experiment's own and are read from its manifest.
 CHANGEABLE_ON_RESUME = ("num_workers", "feature_cache")
+CHANGEABLE_FLAGS = ("--gpus, --gpus-per-trial, --cpus-per-trial, --address, --num-workers, --cache-dir, --no-cache, "
+                    "--max-failures, --refit, --no-space-check, and --test-folds to add folds")
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,15 @@ def experiment_location(storage_path: str, name: str | None) -> tuple[str, str, 
     return storage, name, join(storage, name)
 
 
+def split_space(space: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list]]:
+    """(fixed settings, grid dimensions) of a search space."""
+    fixed = {k: v for k, v in space.items() if not isinstance(v, dict)}
+    return fixed, {k: list(v["grid_search"]) for k, v in space.items() if isinstance(v, dict)}
+
+
 def build_grid(space: Mapping[str, Any], args: argparse.Namespace) -> tuple[dict[str, list], dict[str, Any], list[int]]:
     """(grid over GRID_KEYS, the space's fixed settings, folds in use) from the search space and the flags."""
-    fixed = {k: v for k, v in space.items() if not isinstance(v, dict)}
-    grid = {k: list(v["grid_search"]) for k, v in space.items() if isinstance(v, dict)}
+    fixed, grid = split_space(space)
     unknown = [k for k in grid if k not in GRID_KEYS]
     if unknown:
         raise AstCvError(f"search space dimension {unknown[0]!r} is not supported; grid over {GRID_KEYS}.")
@@ -216,8 +223,7 @@ def continued_values(manifest: Mapping[str, Any], asked: Mapping[str, Any], args
         raise AstCvError(
             f"Experiment {exp_dir} was started with other settings: {'; '.join(changed)}. Leave them out to continue it "
             f"as recorded (--resume needs no other flag), or pass --name NEW for a new experiment. Changeable when "
-            f"continuing: --gpus, --gpus-per-trial, --cpus-per-trial, --address, --num-workers, --cache-dir, --no-cache, "
-            f"--max-failures, --refit, and --test-folds to add folds."
+            f"continuing: {CHANGEABLE_FLAGS}."
         )
     return values, grid, added
 

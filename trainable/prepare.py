@@ -24,6 +24,7 @@ from .plan import (
     first_config,
     plan_resources,
     requested,
+    split_space,
     with_demo_defaults,
 )
 from .storage import Store, human_bytes
@@ -73,8 +74,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
         grid, fixed, folds = build_grid(space, args)
         values, added = config_values(fixed, demo, args, folds), list(grid["test_fold"])
     else:
-        fixed = {k: v for k, v in space.items() if not isinstance(v, dict)} if args.space else {}
-        space_grid = {k: v["grid_search"] for k, v in space.items() if isinstance(v, dict)} if args.space else None
+        fixed, space_grid = split_space(space) if args.space else ({}, None)
         values, grid, added = continued_values(manifest, requested(fixed, demo, args), args, space_grid, exp_dir)
     resources = plan_resources(args, torch_gpus, gpu_memory_gib=gpu_memory_gib)
     model_dir = resolve_model(values["model"])  # an unreachable hub or a typo: one line now, not 3 failures per trial

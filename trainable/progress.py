@@ -3,8 +3,9 @@ the grid's ETA, a line from inside long epochs, and the grid's time as soon as o
 Tune callback in ``trainable.tuner`` feeds it plain values.
 
 The ETA comes from measured figures only: the median epoch time (each trial reports ``epoch_seconds``; after a resume
-the trials' last results carry it), the start-up time of a trial (first result minus its epoch), the epochs left and
-how many trials run at once.
+the trials' last results carry it), what a trial costs beyond its epochs (this session's wall time not spent in
+epochs, per trial started; before a trial has finished, the set-up time trials report), the epochs left and how many
+trials run at once.
 """
 
 from __future__ import annotations
@@ -104,7 +105,6 @@ class Progress:
         self.started_at: dict[str, float] = {}  # trial -> when it (re)started in this session
         self.last_report_at: dict[str, float] = {}  # trial -> time of its last result in this session
         self.session_epoch_s = 0.0  # epochs' seconds reported in this session
-        self.session_finished = 0
         self.failures: set[str] = set()
         self.finished: set[str] = set(finished_before)
         self.max_running = 1
@@ -207,7 +207,6 @@ class Progress:
 
     def trial_finished(self, name: str, trials: list[TrialView]) -> None:
         self.finished.add(name)
-        self.session_finished += 1
         self._measure_overhead()
         self.seed(trials)
         self._line(f"{name} finished")

@@ -70,7 +70,7 @@ def trial_params(store: Store, name: str, rows: list[dict[str, Any]]) -> dict[st
 
 def read_trials(exp: Store | str | Path, epochs_planned: int) -> list[TrialHistory]:
     """Every trial folder of the experiment with its epoch rows (metrics only: no checkpoint is read)."""
-    store = exp if isinstance(exp, Store) else Store.open(str(exp))
+    store = Store.of(exp)
     trials = []
     for name in store.list_dirs():
         rows = parse_rows(store.read_text(f"{name}/result.json"))
@@ -219,7 +219,7 @@ def strict_json(value: Any) -> Any:
 
 def write_summary(exp: Store | str | Path, summary: dict[str, Any]) -> None:
     """summary.json and report.md, which always say the same."""
-    store = exp if isinstance(exp, Store) else Store.open(str(exp))
+    store = Store.of(exp)
     store.write_text(SUMMARY, json.dumps(strict_json(summary), indent=1, allow_nan=False))
     store.write_text(REPORT, render_report(summary))
 
@@ -227,7 +227,7 @@ def write_summary(exp: Store | str | Path, summary: dict[str, Any]) -> None:
 def summarize(exp: str | Path | Store, export: bool = True) -> dict[str, Any]:
     """Reduce the experiment in ``exp`` (a folder or a URI); write summary.json, per_trial.csv, report.md, plots and
     best_model/ into it. Reads the trials' metrics and the one checkpoint it exports."""
-    store = exp if isinstance(exp, Store) else Store.open(str(exp))
+    store = Store.of(exp)
     manifest = read_manifest(store)
     if manifest is None:
         raise AstCvError(f"{store.location} is not an ast-cv experiment (no astcv_run.json). Pass the folder "

@@ -12,7 +12,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import AstCvError
 
@@ -31,12 +31,6 @@ def join(location: str, *parts: str) -> str:
     return joined + (sep + query if sep else "")
 
 
-def split_query(location: str) -> tuple[str, str]:
-    """(location without its query, '?query' or '')."""
-    base, sep, query = str(location).partition("?")
-    return base, sep + query
-
-
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "unknown"
@@ -47,13 +41,18 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} TB"
 
 
-def free_bytes(path: str | Path) -> int | None:
-    """Free bytes on the filesystem holding ``path`` (its nearest existing folder), None if unknown."""
+def _nearest_existing(path: str | Path) -> Path:
+    """``path``, or its nearest folder that exists (a storage path or cache may not be made yet)."""
     p = Path(path).expanduser()
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the filesystem holding ``path`` (its nearest existing folder), None if unknown."""
     try:
-        return shutil.disk_usage(p).free
+        return shutil.disk_usage(_nearest_existing(path)).free
     except OSError:
         return None
 
@@ -89,31 +88,25 @@ def sweep_temp() -> int:
 
 
 def same_filesystem(a: str | Path, b: str | Path) -> bool:
-    def dev(path):
-        p = Path(path).expanduser()
-        while not p.exists() and p != p.parent:
-            p = p.parent
-        return p.stat().st_dev
-
     try:
-        return dev(a) == dev(b)
+        return _nearest_existing(a).stat().st_dev == _nearest_existing(b).stat().st_dev
     except OSError:
         return False
 
 
+def exception_chain(exc: BaseException | None, limit: int = 10) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or during (Ray and pyarrow wrap the cause), at most ``limit`` of them."""
+    for _ in range(limit):
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it wraps: Ray and pyarrow re-raise with the cause in the text) is a full disk."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, StorageFull):
-            return True
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(t in str(exc) for t in DISK_FULL_TEXT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
+    return any(isinstance(e, StorageFull) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+               or any(t in str(e) for t in DISK_FULL_TEXT) for e in exception_chain(exc))
 
 
 class StorageFull(AstCvError):
@@ -157,6 +150,11 @@ class Store:
     root: str  # the folder's path inside ``fs``
 
     @classmethod
+    def of(cls, exp: "Store | str | Path") -> "Store":
+        """``exp`` itself if it is a Store, else the Store at that location."""
+        return exp if isinstance(exp, Store) else cls.open(exp)
+
+    @classmethod
     def open(cls, location: str | Path) -> "Store":
         import pyarrow.fs as pafs
 
@@ -177,9 +175,6 @@ class Store:
         import pyarrow.fs as pafs
 
         return Path(self.root) if isinstance(self.fs, pafs.LocalFileSystem) else None
-
-    def sub(self, *parts: str) -> "Store":
-        return Store(join(self.location, *parts), self.fs, "/".join([self.root, *parts]))
 
     def path(self, rel: str = "") -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -244,11 +239,6 @@ class Store:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=False))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
-    def exists(self, rel: str = "") -> bool:
-        import pyarrow.fs as pafs
-
-        return self._info(rel).type != pafs.FileType.NotFound
-
     def download(self, rel: str, dest: str | Path) -> Path:
         """Copy the file or folder ``rel`` to the local ``dest``."""
         import pyarrow.fs as pafs
@@ -297,13 +287,3 @@ class Store:
     def free_bytes(self) -> int | None:
         local = self.local_path
         return free_bytes(local) if local is not None else None
-
-    def size_bytes(self, rel: str = "") -> int:
-        """Bytes of every file under ``rel``."""
-        import pyarrow.fs as pafs
-
-        if not self.is_dir(rel):
-            return 0
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True))
-        return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
-

@@ -20,7 +20,7 @@ from .errors import AstCvError
 from .experiment import EPOCH, expected_trials, tensorboard_scalars, trial_dirname
 from .plan import GRID_KEYS, Plan
 from .progress import Progress, TrialView
-from .storage import StorageFull, free_bytes, human_bytes, is_disk_full
+from .storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
 
 # Driver-side Ray settings for the Tuner's run (restored afterwards): no usage stats, no sync-time warnings, and the
 # classic console output (Tune's new one prints boxes and a TensorBoard path into /tmp/ray); --debug keeps Ray's own.
@@ -227,11 +227,9 @@ def fit(tuner, plan: Plan) -> None:
     except (pickle.UnpicklingError, EOFError):
         pass  # Tune's result grid could not read a damaged error file; the callback counted the trials
     except Exception as exc:
-        cause = exc
-        while cause is not None and not isinstance(cause, StorageFull):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:  # ours, raised by the callback (Tune may wrap it)
-            raise cause from None
+        ours = next((e for e in exception_chain(exc) if isinstance(e, StorageFull)), None)
+        if ours is not None:  # raised by the callback (Tune may wrap it)
+            raise ours from None
         if is_disk_full(exc):
             raise StorageFull(plan.store.local_path or plan.exp_dir) from exc
         raise
