@@ -162,6 +162,12 @@ def tensorboard_callback():
                 self._trial_writer.pop(trial).close()
                 self._trial_result.pop(trial, None)
 
+        def on_experiment_end(self, trials, **info):
+            # tensorboardX writes from a queue in a thread of its own (its flush() does not wait for the queue), and
+            # Ray ends no trial when the run is interrupted: close every writer, else a Ctrl-C loses queued events.
+            for trial in list(self._trial_writer):
+                self.log_trial_end(trial)
+
     return TensorBoard()
 
 
