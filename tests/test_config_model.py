@@ -110,3 +110,22 @@ def test_non_ast_folders_and_unreachable_hub_are_clear_errors(tmp_path):
         check_model_source(str(tmp_path / "missing"))
     with pytest.raises(AstCvError, match="needs network access"):
         load_model("MIT/no-such-ast-checkpoint-for-tests", CLASSES)
+
+
+@pytest.mark.parametrize("shape, num_labels, num_frames", [
+    ({}, 10, 400),  # AST-base (ASTConfig's defaults), as the grid trains it
+    ({}, 527, 1024),  # the AudioSet checkpoint as published
+    (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_length=1024), 10, 400),
+    (dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96, qkv_bias=False,
+          frequency_stride=16, time_stride=12, patch_size=8, num_mel_bins=64), 3, 512),
+])
+def test_parameter_count_equals_the_model_built_on_the_meta_device(tmp_path, shape, num_labels, num_frames):
+    from transformers import ASTConfig
+
+    from trainable.model import count_parameters
+
+    ASTConfig(**shape).save_pretrained(tmp_path)  # the checkpoint's own max_length and head do not count
+    config = ASTConfig(**{**shape, "max_length": num_frames, "num_labels": num_labels})
+    with torch.device("meta"):
+        model = ASTForAudioClassification(config)
+    assert count_parameters(str(tmp_path), num_labels, num_frames) == sum(p.numel() for p in model.parameters())
