@@ -235,6 +235,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     val_loader, test_loader = make_loader(config, data.val, device), make_loader(config, data.test, device)
     laps.lap("loaders")
     setup_seconds = time.perf_counter() - started
+    pad = pad_to(config)
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         epoch_start = time.perf_counter()
@@ -242,11 +243,11 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         steps = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
         watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress)
         train_loss, seen, seconds = train_one_epoch(net, train_loader, optimizer, scaler, device, dtype, micro, watch,
-                                                    config.max_steps_per_epoch, pad_to(config))
+                                                    config.max_steps_per_epoch, pad)
         if STARTUP_FIRST_STEP not in laps.times and watch.first_step_s is not None:
             laps.times[STARTUP_FIRST_STEP] = round(watch.first_step_s, 4)
-        val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad_to(config), watch, "validation")
-        test = evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad_to(config), watch, "test")
+        val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad, watch, "validation")
+        test = evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad, watch, "test")
         if selection_score(val[1], epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
