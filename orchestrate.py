@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -90,8 +91,10 @@ def _cache_and_resources(cache, res) -> None:
                      "trials per hour, else 1; 0 without GPUs")
     res.add_argument("--cpus-per-trial", type=float, default=None,
                      help="CPUs per trial, also torch's thread count (default: 2 with a GPU, else 1)")
-    res.add_argument("--address", default=None,
-                     help="join an existing Ray cluster instead of starting one (e.g. 'auto' after 'ray start --head')")
+    res.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
+                     help="join an existing Ray cluster instead of starting one (e.g. 'auto' after 'ray start --head'; "
+                     "default: $RAY_ADDRESS, which 'ray job submit' sets, else a Ray of this run's own on this machine, "
+                     "even where another Ray runs)")
 
 
 def _results(out) -> None:

@@ -285,7 +285,7 @@ def test_in_epoch_news_travels_from_a_ray_worker_to_the_console():
 
     from trainable.tuner import progress_board
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         board = progress_board("astcv-progress-test")  # noqa: F841  (held: an actor without a handle is stopped)
 
@@ -321,7 +321,7 @@ def test_tensorboard_events_of_an_interrupted_run_reach_the_disk(tmp_path):
 
     from trainable.tuner import tensorboard_callback
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         trial = Trial("f", config={}, stub=True,
                       storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="t"))

@@ -206,8 +206,11 @@ def ray_init_args(plan: Plan, debug: bool) -> dict[str, Any]:
                                 logging_level=logging.INFO if debug else logging.WARNING)
     if plan.resources.address:
         init["address"] = plan.resources.address
-    else:  # a local start: no dashboard (nothing listens beyond Ray's own ports), a modest object store (Colab's /dev/shm)
-        init.update(num_gpus=plan.resources.num_gpus, include_dashboard=False, object_store_memory=256 * 1024**2)
+    else:  # a local start: no dashboard (nothing listens beyond Ray's own ports), a modest object store (Colab's /dev/shm);
+        # "local" starts a Ray of our own even where another one runs on this machine (a second experiment, a 'ray start'),
+        # which Ray would otherwise join, with the resources planned for this machine refused
+        init.update(address="local", num_gpus=plan.resources.num_gpus, include_dashboard=False,
+                    object_store_memory=256 * 1024**2)
     return init
 
 
