@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -50,18 +51,19 @@ def demo_assets(tmp_path_factory):
         h.update(metadata.version(package).encode())
     cache = Path(os.environ.get("ASTCV_TEST_ASSETS", "~/.cache/ast-cv/test-assets")).expanduser()
     done = cache / f"demo-{h.hexdigest()[:16]}"
-    if not (done / "tiny-ast" / "model.safetensors").is_file():
-        building = tmp_path_factory.mktemp("demo")
-        ensure_demo_assets(building)
-        cache.mkdir(parents=True, exist_ok=True)
-        staged = cache / f".{done.name}.{os.getpid()}"
-        for part in ("data", "tiny-ast"):  # not the pretraining data
-            shutil.copytree(building / part, staged / part)
-        shutil.rmtree(done, ignore_errors=True)
-        staged.rename(done)
-        for old in cache.glob("demo-*"):  # assets of older code are dead weight
-            if old != done:
-                shutil.rmtree(old, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".build.lock")):  # parallel test workers (pytest -n): one builds, the others wait
+        if not (done / "tiny-ast" / "model.safetensors").is_file():
+            building = tmp_path_factory.mktemp("demo")
+            ensure_demo_assets(building)
+            staged = cache / f".{done.name}.{os.getpid()}"
+            for part in ("data", "tiny-ast"):  # not the pretraining data
+                shutil.copytree(building / part, staged / part)
+            shutil.rmtree(done, ignore_errors=True)
+            staged.rename(done)
+            for old in cache.glob("demo-*"):  # assets of older code are dead weight
+                if old != done:
+                    shutil.rmtree(old, ignore_errors=True)
     return done / "data", done / "tiny-ast"
 
 
