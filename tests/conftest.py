@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes share the cores: torch's default of a thread per core in
+    # each (and in the processes they start) makes CPU training 5-10x slower, each thread waiting on the other's core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # torch.compile's kernels (the compiled-path test) kept between test sessions, like the demo assets below
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/ast-cv/test-inductor"))
 
