@@ -279,62 +279,63 @@ def test_remaining_tracebacks_are_one_line(tmp_path, exported, capsys):
     assert time.time() - start < 5
 
 
+@pytest.fixture
+def local_ray():
+    """A one-CPU Ray of the test's own (never another one running on the machine), shut down after the test."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_in_epoch_news_travels_from_a_ray_worker_to_the_console():
+def test_in_epoch_news_travels_from_a_ray_worker_to_the_console(local_ray):
     import ray
 
     from trainable.tuner import progress_board
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        board = progress_board("astcv-progress-test")  # noqa: F841  (held: an actor without a handle is stopped)
+    board = progress_board("astcv-progress-test")  # noqa: F841  (held: an actor without a handle is stopped)
 
-        @ray.remote
-        def trial():  # what a trial's on_progress does
-            ray.get_actor("astcv-progress-test").post.remote("t", {"epoch": 1, "step": 5, "steps": 9,
-                                                                   "samples_per_s": 12.0, "time": 1.0})
+    @ray.remote
+    def trial():  # what a trial's on_progress does
+        ray.get_actor("astcv-progress-test").post.remote("t", {"epoch": 1, "step": 5, "steps": 9,
+                                                               "samples_per_s": 12.0, "time": 1.0})
 
-        ray.get(trial.remote())
-        lines = []
-        p = Progress(["t"], set(), epochs=1, slots=1, out=lambda *a, **k: lines.append(a[0]))
-        p.last_line -= 61
-        messages = []
-        for _ in range(50):  # the post is asynchronous
-            messages = ray.get(ray.get_actor("astcv-progress-test").drain.remote())
-            if messages:
-                break
-            time.sleep(0.1)
-        p.poll([TrialView("t", "RUNNING", 0)], messages)
-        assert len(lines) == 1 and "batch 5/9" in lines[0] and "12 samples/s" in lines[0]
-    finally:
-        ray.shutdown()
+    ray.get(trial.remote())
+    lines = []
+    p = Progress(["t"], set(), epochs=1, slots=1, out=lambda *a, **k: lines.append(a[0]))
+    p.last_line -= 61
+    messages = []
+    for _ in range(50):  # the post is asynchronous
+        messages = ray.get(ray.get_actor("astcv-progress-test").drain.remote())
+        if messages:
+            break
+        time.sleep(0.1)
+    p.poll([TrialView("t", "RUNNING", 0)], messages)
+    assert len(lines) == 1 and "batch 5/9" in lines[0] and "12 samples/s" in lines[0]
 
 
 @pytest.mark.slow
-def test_tensorboard_events_of_an_interrupted_run_reach_the_disk(tmp_path):
+def test_tensorboard_events_of_an_interrupted_run_reach_the_disk(tmp_path, local_ray):
     # tensorboardX writes from a queue in its own thread, and an interrupted Tune run ends no trial: the epochs a
     # trial reported just before a Ctrl-C must still be in its event file (before the fix: 1 of 3 epochs, 3 runs of 3).
-    import ray
     from ray.train._internal.storage import StorageContext
     from ray.tune.experiment import Trial
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from trainable.tuner import tensorboard_callback
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        trial = Trial("f", config={}, stub=True,
-                      storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="t"))
-        callback = tensorboard_callback()
-        callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
-        for epoch in (1, 2, 3):
-            callback.on_trial_result(iteration=epoch, trials=[trial], trial=trial,
-                                     result={"epoch": epoch, "val_accuracy": epoch / 10, "training_iteration": epoch,
-                                             "train_steps": [[epoch * 10, 1.0, 1e-3]]})
-        callback.on_experiment_end(trials=[trial])  # what Tune calls after an interrupt
-        events = EventAccumulator(trial.local_path)
-        events.Reload()
-        assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2, 3]
-        assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30]
-    finally:
-        ray.shutdown()
+    trial = Trial("f", config={}, stub=True,
+                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="t"))
+    callback = tensorboard_callback()
+    callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    for epoch in (1, 2, 3):
+        callback.on_trial_result(iteration=epoch, trials=[trial], trial=trial,
+                                 result={"epoch": epoch, "val_accuracy": epoch / 10, "training_iteration": epoch,
+                                         "train_steps": [[epoch * 10, 1.0, 1e-3]]})
+    callback.on_experiment_end(trials=[trial])  # what Tune calls after an interrupt
+    events = EventAccumulator(trial.local_path)
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30]
