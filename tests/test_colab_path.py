@@ -170,6 +170,27 @@ def test_eta_is_right_after_a_resume_from_the_trials_last_results():
     assert eta_seconds(p.trials, 4, 1, p.est) == pytest.approx(2 * 100 + 10 + 4 * 100 + 10)  # b continues, c starts
 
 
+def test_the_console_progress_pickles_after_ray_replaced_print(capsys):
+    # A --debug run shows the workers' output, and Ray's tqdm support then replaces builtins.print in the driver; the
+    # Tuner pickles its callbacks, which hold the Progress, after that (a CI run failed so: "Can't pickle <built-in
+    # function print>: it's not the same object as builtins.print").
+    import builtins
+
+    from ray import cloudpickle
+    from ray.experimental import tqdm_ray
+
+    progress = Progress(["a"], set(), epochs=1, slots=1)
+    original = builtins.print
+    try:
+        tqdm_ray.instance()  # what the driver does on showing a worker's line
+        assert builtins.print is not original
+        copy = cloudpickle.loads(cloudpickle.dumps(progress))
+        copy.out("through the console")
+    finally:
+        builtins.print = original
+    assert "through the console" in capsys.readouterr().out
+
+
 def test_in_epoch_progress_line_when_nothing_was_said_for_a_minute():
     lines = []
     p = Progress(["a"], set(), epochs=2, slots=1, out=lambda *a, **k: lines.append(a[0]))

@@ -92,11 +92,18 @@ def eta_seconds(trials: Iterable[TrialView], epochs: int, slots: int, est: Estim
     return max(left / max(slots, 1), longest)
 
 
+def console(*args: Any, **kwargs: Any) -> None:
+    """``print``, looked up at each call. Ray replaces ``builtins.print`` in the driver (its tqdm support, once a
+    worker's output is shown) while the Tuner pickles the callbacks that hold a Progress: a reference to the original
+    print no longer pickles then ("not the same object as builtins.print"), a module function always does."""
+    print(*args, **kwargs)
+
+
 class Progress:
     """Console lines of one orchestrator session (``out`` is print-like; tests pass their own)."""
 
     def __init__(self, expected: Sequence[str], finished_before: Iterable[str], epochs: int, slots: int | None,
-                 out=print):
+                 out=console):
         self.expected, self.epochs, self.slots_known, self.out = list(expected), epochs, slots, out
         self.total = len(self.expected)
         self.est = Estimate()
