@@ -5,7 +5,7 @@
     python orchestrate.py --gpus 1 --data-root /path/UrbanSound8K  # the design card's 40 trials on one GPU
     python orchestrate.py --report-only runs/ast-cv                # (re)write the report of a finished or partial run
 
-The command line only: planning is trainable.plan, running trainable.tuner, reducing trainable.reduce.
+The command line only: planning is trainable.run.plan, running trainable.run.tuner, reducing trainable.results.reduce.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from search_spaces import SPACES
 from trainable.cli import run_cli
 from trainable.config import add_config_arguments, auto_or, set_by_orchestrator
 from trainable.errors import AstCvError
-from trainable.experiment import FINAL_MODEL, REPORT, SUMMARY, format_lr, update_manifest, write_manifest
-from trainable.lock import ExperimentLock
-from trainable.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
-from trainable.prepare import warn
-from trainable.storage import is_uri, join
+from trainable.store.experiment import FINAL_MODEL, REPORT, SUMMARY, format_lr, update_manifest, write_manifest
+from trainable.store.lock import ExperimentLock
+from trainable.run.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
+from trainable.run.prepare import warn
+from trainable.store.storage import is_uri, join
 
 EPILOG = """\
 Results go to STORAGE/NAME/ (a folder or a URI): one folder per trial (fold03_lr5e-05_bs16/ with its checkpoint,
@@ -148,8 +148,8 @@ def refit(summary: dict[str, Any], plan) -> str | None:
     """Train the final model on all folds with the best config for the median best epoch; export final_model/."""
     import numpy as np
 
-    from trainable.reduce import write_summary
-    from trainable.train import train_on_all_folds
+    from trainable.results.reduce import write_summary
+    from trainable.fit.train import train_on_all_folds
 
     best = summary["best_config"]
     if best is None:
@@ -169,7 +169,7 @@ def refit(summary: dict[str, Any], plan) -> str | None:
 
 
 def print_summary(summary: dict[str, Any], exp_dir: str) -> None:
-    from trainable.report import comparison_verdict, fmt_ci
+    from trainable.results.report import comparison_verdict, fmt_ci
 
     n = len(summary["per_fold"])
     if summary["mean"] is None:
@@ -204,7 +204,7 @@ INTERRUPTED = ("Interrupted: finished trials and epoch checkpoints are kept. Run
 
 def report_only(location: str) -> int:
     """Rewrite summary.json, report.md, plots and best_model/ of an experiment folder or URI; exit 1 if no model."""
-    from trainable.reduce import summarize
+    from trainable.results.reduce import summarize
 
     exp = location if is_uri(location) else str(Path(location).expanduser().resolve())
     summary = summarize(exp)
@@ -217,8 +217,8 @@ def run(args: argparse.Namespace) -> int:
         return report_only(args.report_only)
     import torch
 
-    from trainable.prepare import make_plan, preflight, prepare_inputs
-    from trainable.reduce import summarize
+    from trainable.run.prepare import make_plan, preflight, prepare_inputs
+    from trainable.results.reduce import summarize
 
     gpus = torch.cuda.device_count()
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) / 2**30 if gpus else None
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         plan = preflight(plan, meta, args.refit, args.no_space_check)
         plan = prepare_inputs(plan, meta, headers)
         record(plan, args)
-        from trainable.tuner import run_experiment
+        from trainable.run.tuner import run_experiment
 
         outcome = run_experiment(plan, args.debug, args.max_failures)
         if outcome.interrupted and not outcome.failed:

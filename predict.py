@@ -18,10 +18,10 @@ from typing import Sequence
 
 import torch
 
-from trainable.audio import AudioError, load_audio
+from trainable.data.audio import AudioError, load_audio
 from trainable.cli import run_cli
 from trainable.errors import AstCvError
-from trainable.features import AUDIOSET_MEAN, AUDIOSET_STD, FRAME_SHIFT_MS, SAMPLE_RATE, WINDOW_SAMPLES, fbank
+from trainable.data.features import AUDIOSET_MEAN, AUDIOSET_STD, FRAME_SHIFT_MS, SAMPLE_RATE, WINDOW_SAMPLES, fbank
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 HOP = int(SAMPLE_RATE * FRAME_SHIFT_MS / 1000)

@@ -32,11 +32,11 @@ def main(argv=None) -> int:
     from transformers import ASTForAudioClassification
 
     from trainable.config import TrainConfig
-    from trainable.experiment import row_score
-    from trainable.oom import MicroBatch
-    from trainable.reduce import parse_rows
-    from trainable.steps import evaluate
-    from trainable.train import build_datasets, make_loader
+    from trainable.store.experiment import row_score
+    from trainable.fit.oom import MicroBatch
+    from trainable.results.reduce import parse_rows
+    from trainable.fit.steps import evaluate
+    from trainable.fit.train import build_datasets, make_loader
 
     with tempfile.TemporaryDirectory(prefix="astcv-fp16-") as tmp:
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

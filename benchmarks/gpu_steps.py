@@ -65,9 +65,9 @@ def _peak_gib() -> float | None:
 
 
 def _fit(ctx: Ctx, data: Path, **values) -> tuple[dict, float]:
-    """Run the trial path (trainable.train.fit) with a reporter that keeps nothing; (last epoch's metrics, seconds)."""
+    """Run the trial path (trainable.fit.train.fit) with a reporter that keeps nothing; (last epoch's metrics, seconds)."""
     from trainable.config import TrainConfig
-    from trainable.train import fit
+    from trainable.fit.train import fit
 
     config = TrainConfig.from_dict({"data_root": str(data), "model": str(ctx.model), "folds": (1, 2, 3),
                                     "test_fold": 1, "lr": 5e-5, "num_workers": 2, **values})
@@ -89,8 +89,8 @@ def step_0_prepare(ctx: Ctx) -> dict:
     """Generated clips (the real dataset's WAV kinds) and an AST checkpoint with a 527-class head."""
     import torch
 
-    from trainable.model import ast_base_config, build_tiny_ast
-    from trainable.synth import generate
+    from trainable.fit.model import ast_base_config, build_tiny_ast
+    from trainable.data.synth import generate
 
     result = {}
     for root, per_class in ((ctx.data, 2 if ctx.rehearse else 24), (ctx.small, 2 if ctx.rehearse else 5)):
@@ -237,10 +237,10 @@ def step_3_oom(ctx: Ctx) -> dict:
 
 def step_4_seed_vs_ours(ctx: Ctx) -> dict:
     """Same clips, same model, batch 16, 2 epochs: the seed recipe's loop vs the project's trial path."""
-    from trainable.audio import auto_num_frames
-    from trainable.cache import FeatureCache
+    from trainable.data.audio import auto_num_frames
+    from trainable.data.cache import FeatureCache
     from trainable.config import TrainConfig
-    from trainable.data import load_metadata
+    from trainable.data.metadata import load_metadata
 
     meta = load_metadata(ctx.data, (1, 2, 3))
     auto = auto_num_frames(ctx.data, meta)

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainable.audio import ClipDataset  # noqa: E402
-from trainable.cache import CachedDataset, FeatureCache  # noqa: E402
+from trainable.data.audio import ClipDataset  # noqa: E402
+from trainable.data.cache import CachedDataset, FeatureCache  # noqa: E402
 from trainable.config import TrainConfig  # noqa: E402
-from trainable.data import class_names, load_metadata  # noqa: E402
-from trainable.synth import generate  # noqa: E402
+from trainable.data.metadata import class_names, load_metadata  # noqa: E402
+from trainable.data.synth import generate  # noqa: E402
 
 
 def rate(dataset, n: int) -> float:

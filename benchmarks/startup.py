@@ -30,8 +30,8 @@ PIECES = ("worker_s", "imports_s", "data_s", "model_s", "loaders_s", "first_step
 
 
 def make_inputs(work: Path, ast_base: bool) -> tuple[Path, Path]:
-    from trainable.model import ast_base_config, build_tiny_ast
-    from trainable.synth import generate
+    from trainable.fit.model import ast_base_config, build_tiny_ast
+    from trainable.data.synth import generate
 
     data = work / "data"
     generate(data, clips_per_class=1, folds=(1, 2, 3, 4), seed=0)

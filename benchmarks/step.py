@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flops import PEAK_TFLOPS, ast_train_flops  # noqa: E402
-from trainable.model import ast_base_config  # noqa: E402
+from trainable.fit.model import ast_base_config  # noqa: E402
 
 
 def device_name(device: torch.device) -> str:

@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainable.footprint import Footprint  # noqa: E402
-from trainable.storage import human_bytes  # noqa: E402
+from trainable.store.footprint import Footprint  # noqa: E402
+from trainable.store.storage import human_bytes  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -47,8 +47,8 @@ def sample(path: Path, stop: threading.Event, peaks: list[int]) -> None:
 
 
 def make_inputs(work: Path, tiny: bool) -> tuple[Path, Path]:
-    from trainable.model import ast_base_config, build_tiny_ast
-    from trainable.synth import generate
+    from trainable.fit.model import ast_base_config, build_tiny_ast
+    from trainable.data.synth import generate
 
     data = work / "data"
     generate(data, clips_per_class=1, folds=(1, 2, 3), seed=0)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         trial_bytes = sorted(folder_bytes(d) for d in exp.glob("fold*"))
         best_model = folder_bytes(exp / "best_model")
         disk_line = next((line for line in run.stdout.splitlines() if line.startswith("Disk:")), "")
-        from trainable.model import count_parameters
+        from trainable.fit.model import count_parameters
 
         params = count_parameters(str(model), 10, 400)
     per_trial = max(trial_bytes)

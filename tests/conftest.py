@@ -21,7 +21,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/as
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small generated dataset: 4 folds x 10 classes x 2 clips, every WAV kind."""
-    from trainable.synth import generate
+    from trainable.data.synth import generate
 
     root = tmp_path_factory.mktemp("us8k-small")
     generate(root, clips_per_class=2, folds=(1, 2, 3, 4), seed=0)
@@ -44,7 +44,7 @@ def demo_assets(tmp_path_factory):
     from importlib import metadata
     from pathlib import Path
 
-    from trainable.demo import ensure_demo_assets
+    from trainable.run.demo import ensure_demo_assets
 
     root = Path(__file__).resolve().parent.parent / "trainable"
     h = hashlib.sha256()
@@ -73,7 +73,7 @@ def demo_assets(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ast_1024(tmp_path_factory):
     """A random tiny AST saved at 1024 frames with a 527-class head (like the hub checkpoint's geometry)."""
-    from trainable.model import build_tiny_ast
+    from trainable.fit.model import build_tiny_ast
 
     return build_tiny_ast(tmp_path_factory.mktemp("tiny-ast-1024"), num_labels=527, max_length=1024)
 
@@ -81,8 +81,8 @@ def tiny_ast_1024(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(tiny_ast_1024, tmp_path_factory):
     """A tiny AST with a 10-class head, exported as orchestrate.py exports best_model/ (for predict.py)."""
-    from trainable.data import US8K_CLASSES
-    from trainable.model import export_model, load_model
+    from trainable.data.metadata import US8K_CLASSES
+    from trainable.fit.model import export_model, load_model
 
     out = tmp_path_factory.mktemp("exported")
     return export_model(load_model(str(tiny_ast_1024), list(US8K_CLASSES), num_frames=400), out, 400)

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from trainable.experiment import trial_dirname, write_manifest
+from trainable.store.experiment import trial_dirname, write_manifest
 
 
 def fake_experiment(exp: Path, folds=(1, 2, 3), lrs=(1e-3,), epochs: int = 1, **manifest) -> Path:

@@ -10,13 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from trainable.cache import CachedDataset, FeatureCache
+from trainable.data.cache import CachedDataset, FeatureCache
 from trainable.config import TrainConfig
-from trainable.audio import ClipDataset, auto_num_frames
-from trainable.data import class_names, load_metadata
-from trainable.synth import WAV_KINDS, class_signal, write_clip
-from trainable.experiment import EPOCH
-from trainable.train import fit
+from trainable.data.audio import ClipDataset, auto_num_frames
+from trainable.data.metadata import class_names, load_metadata
+from trainable.data.synth import WAV_KINDS, class_signal, write_clip
+from trainable.store.experiment import EPOCH
+from trainable.fit.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 

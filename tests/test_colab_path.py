@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import orchestrate
-from trainable.data import US8K_FOLD_SIZES
-from trainable.experiment import trial_dirname
-from trainable.progress import Estimate, Progress, TrialView, eta_seconds
-from trainable.reduce import summarize
-from trainable.report import comparison_verdict, render_report
+from trainable.data.metadata import US8K_FOLD_SIZES
+from trainable.store.experiment import trial_dirname
+from trainable.run.progress import Estimate, Progress, TrialView, eta_seconds
+from trainable.results.reduce import summarize
+from trainable.results.report import comparison_verdict, render_report
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -51,7 +51,7 @@ def test_repeated_grid_values_are_one_trial_each():
     from argparse import Namespace
 
     from search_spaces import SPACES
-    from trainable.plan import build_grid
+    from trainable.run.plan import build_grid
 
     args = Namespace(folds=None, test_folds=None, lrs=[1e-3, 1e-3, 5e-5], batch_sizes=[8, 8, 16])
     grid, _, _ = build_grid(SPACES["card"], args)
@@ -84,7 +84,7 @@ def test_help_shows_num_frames_auto_and_every_flag_explained(capsys):
 def test_continuing_reads_the_manifest_applies_changeable_flags_and_names_the_others(tmp_path):
     from argparse import Namespace
 
-    from trainable.plan import continued_values
+    from trainable.run.plan import continued_values
 
     manifest = {"base_config": {"data_root": "/data", "model": "/m", "epochs": 5, "folds": [1, 2, 3, 4], "num_workers": 2,
                                 "num_frames": 400, "feature_cache": "/c"},
@@ -127,8 +127,8 @@ def test_comparison_wording_is_one_function_and_never_says_indistinguishable():
 
 
 def test_headline_interval_is_corrected_for_overlapping_training_sets():
-    from trainable.select import holdout_ratio
-    from trainable.stats import ci95
+    from trainable.results.select import holdout_ratio
+    from trainable.results.stats import ci95
 
     acc = [0.70, 0.74, 0.68, 0.77, 0.72, 0.81, 0.69, 0.75, 0.73, 0.71]
     folds = list(range(1, 11))
@@ -249,8 +249,8 @@ def test_no_cache_check_decodes_every_clip_before_trials(synth_root, tmp_path):
 
     import soundfile as sf
 
-    from trainable.audio import find_unusable, read_headers
-    from trainable.data import load_metadata
+    from trainable.data.audio import find_unusable, read_headers
+    from trainable.data.metadata import load_metadata
 
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)
@@ -266,7 +266,7 @@ def test_no_cache_check_decodes_every_clip_before_trials(synth_root, tmp_path):
 def test_gpus_per_trial_auto_packs_two_trials_on_big_cards_only():
     from argparse import Namespace
 
-    from trainable.plan import plan_resources
+    from trainable.run.plan import plan_resources
 
     def plan(gpt, gpus=1, memory=None, address=None):
         args = Namespace(address=address, gpus=None, gpus_per_trial=gpt, cpus_per_trial=None)
@@ -283,9 +283,9 @@ def test_remaining_tracebacks_are_one_line(tmp_path, exported, capsys):
     import shutil
 
     import predict
-    from trainable import cache
+    from trainable.data import cache
     from trainable.errors import AstCvError
-    from trainable.plan import probe_address
+    from trainable.run.plan import probe_address
 
     assert cache.main(["--data-root", str(tmp_path / "nonexistent"), "--cache-dir", str(tmp_path / "c")]) == 2
     broken = tmp_path / "model"
@@ -314,7 +314,7 @@ def local_ray():
 def test_in_epoch_news_travels_from_a_ray_worker_to_the_console(local_ray):
     import ray
 
-    from trainable.tuner import progress_board
+    from trainable.run.tuner import progress_board
 
     board = progress_board("astcv-progress-test")  # noqa: F841  (held: an actor without a handle is stopped)
 
@@ -345,7 +345,7 @@ def test_tensorboard_events_of_an_interrupted_run_reach_the_disk(tmp_path, local
     from ray.tune.experiment import Trial
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainable.tuner import tensorboard_callback
+    from trainable.run.tuner import tensorboard_callback
 
     trial = Trial("f", config={}, stub=True,
                   storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="t"))

@@ -7,7 +7,7 @@ from transformers import ASTForAudioClassification
 
 from trainable.config import TrainConfig, add_config_arguments, config_fields, config_from_args
 from trainable.errors import AstCvError
-from trainable.model import check_model_source, fit_time_frames, load_model, time_grid
+from trainable.fit.model import check_model_source, fit_time_frames, load_model, time_grid
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -122,7 +122,7 @@ def test_non_ast_folders_and_unreachable_hub_are_clear_errors(tmp_path):
 def test_parameter_count_equals_the_model_built_on_the_meta_device(tmp_path, shape, num_labels, num_frames):
     from transformers import ASTConfig
 
-    from trainable.model import count_parameters
+    from trainable.fit.model import count_parameters
 
     ASTConfig(**shape).save_pretrained(tmp_path)  # the checkpoint's own max_length and head do not count
     config = ASTConfig(**{**shape, "max_length": num_frames, "num_labels": num_labels})

@@ -7,10 +7,10 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from trainable.audio import ClipDataset, load_audio
-from trainable.data import ALL_FOLDS, class_names, default_val_fold, load_metadata, split_folds
+from trainable.data.audio import ClipDataset, load_audio
+from trainable.data.metadata import ALL_FOLDS, class_names, default_val_fold, load_metadata, split_folds
 from trainable.errors import AstCvError
-from trainable.synth import WAV_KINDS, WavKind, class_signal, generate, write_clip
+from trainable.data.synth import WAV_KINDS, WavKind, class_signal, generate, write_clip
 
 # (kind, max abs error vs. the float reference after resampling): quantization bounds per encoding.
 KIND_TOLERANCE = {

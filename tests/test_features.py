@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import ASTFeatureExtractor
 
-from trainable.features import AUDIOSET_MEAN, AUDIOSET_STD, fbank, frames_for_seconds, recipe_fingerprint
-from trainable.synth import class_signal
+from trainable.data.features import AUDIOSET_MEAN, AUDIOSET_STD, fbank, frames_for_seconds, recipe_fingerprint
+from trainable.data.synth import class_signal
 
 
 @pytest.mark.parametrize("num_samples", [400, 1600, 16000, 64000, 163840, 200000])

@@ -15,7 +15,7 @@ from transformers import ASTForAudioClassification
 
 import orchestrate
 from search_spaces import SPACES
-from trainable.experiment import trial_dirname
+from trainable.store.experiment import trial_dirname
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -171,7 +171,7 @@ def test_gpus_without_cuda_is_a_clear_error(demo_assets, tmp_path, capsys):
 def test_resume_without_experiment_and_changed_settings_are_clear_errors(demo_assets, tmp_path, capsys):
     assert orchestrate.main(run_args(demo_assets, tmp_path, "none", "--resume")) == 2
     assert "no experiment to resume" in capsys.readouterr().err
-    from trainable.experiment import write_manifest
+    from trainable.store.experiment import write_manifest
 
     write_manifest(tmp_path / "other", base_config={"epochs": 9}, grid={"test_fold": [1]})
     assert orchestrate.main(run_args(demo_assets, tmp_path, "other")) == 2

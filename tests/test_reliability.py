@@ -17,12 +17,12 @@ import soundfile as sf
 import torch
 
 import orchestrate
-from trainable.checkpoint import checkpoint_problem, load_checkpoint, pick_restore_point
-from trainable.audio import read_headers
-from trainable.data import load_metadata
+from trainable.fit.checkpoint import checkpoint_problem, load_checkpoint, pick_restore_point
+from trainable.data.audio import read_headers
+from trainable.data.metadata import load_metadata
 from trainable.errors import AstCvError
-from trainable.experiment import trial_dirname, write_manifest
-from trainable.reduce import summarize
+from trainable.store.experiment import trial_dirname, write_manifest
+from trainable.results.reduce import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -225,7 +225,7 @@ def test_killed_worker_is_retried_and_a_damaged_latest_checkpoint_falls_back_to_
 
 def _checkpoint_dirs(tmp_path, synth_root, tiny):
     from trainable.config import TrainConfig
-    from trainable.train import fit
+    from trainable.fit.train import fit
 
     saved = []
 
@@ -261,7 +261,7 @@ def test_checkpoints_never_unpickle_code(synth_root, tiny_ast_1024, tmp_path):
     with open(ckpt / "training_state.pt", "wb") as fh:
         pickle.dump({"optimizer": Payload()}, fh)
     assert "Unpickling" in checkpoint_problem(ckpt) or "weights_only" in checkpoint_problem(ckpt)
-    from trainable.model import load_model
+    from trainable.fit.model import load_model
 
     model = load_model(str(ckpt), [str(i) for i in range(10)])
     opt = torch.optim.AdamW(model.parameters())
@@ -305,8 +305,8 @@ def test_a_run_without_address_starts_a_ray_of_its_own_beside_a_running_one(demo
     from ray.cluster_utils import Cluster
 
     from search_spaces import SPACES
-    from trainable.prepare import make_plan
-    from trainable.tuner import ray_init_args
+    from trainable.run.prepare import make_plan
+    from trainable.run.tuner import ray_init_args
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = orchestrate.build_parser().parse_args(base_args(*demo_assets, tmp_path, "local"))

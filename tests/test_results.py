@@ -12,8 +12,8 @@ import torch
 import yaml
 
 import predict
-from trainable.data import US8K_CLASSES, US8K_FOLD_SIZES, main as data_main, verify_dataset
-from trainable.synth import WAV_KINDS, class_signal, write_clip
+from trainable.data.metadata import US8K_CLASSES, US8K_FOLD_SIZES, main as data_main, verify_dataset
+from trainable.data.synth import WAV_KINDS, class_signal, write_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def test_predict_agrees_with_the_transformers_pipeline(exported, tmp_path, capsy
         files.append(path)
     assert predict.main(["--model", str(exported), "--top-k", "3", "--json", *map(str, files)]) == 0
     ours = json.loads(capsys.readouterr().out)
-    from trainable.audio import load_audio
+    from trainable.data.audio import load_audio
 
     for path, result in zip(files, ours):
         theirs = clf(load_audio(path).numpy(), top_k=3)

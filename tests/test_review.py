@@ -19,10 +19,10 @@ import torch
 
 import orchestrate
 import predict
-from trainable.data import load_metadata
+from trainable.data.metadata import load_metadata
 from trainable.errors import AstCvError
-from trainable.experiment import trial_dirname, write_manifest
-from trainable.reduce import render_report, summarize
+from trainable.store.experiment import trial_dirname, write_manifest
+from trainable.results.reduce import render_report, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,7 +124,7 @@ def test_second_orchestrator_on_a_running_experiment_is_refused(synth_root, tiny
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
-    from trainable.lock import ExperimentLock
+    from trainable.store.lock import ExperimentLock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -155,7 +155,7 @@ def test_repeated_csv_rows_and_file_names_are_clear_errors(synth_root, tmp_path)
 
 
 def test_recordings_in_several_folds_are_found(synth_root):
-    from trainable.data import recordings_in_several_folds
+    from trainable.data.metadata import recordings_in_several_folds
 
     meta = load_metadata(synth_root)
     assert recordings_in_several_folds(meta) == {}
@@ -170,8 +170,8 @@ def test_recordings_in_several_folds_are_found(synth_root):
 def test_oom_in_the_fp16_optimizer_step_is_a_clear_error_not_a_retry(tiny_ast_1024, how, monkeypatch):
     """An OOM in scaler.step (AdamW allocating its state) must not be retried with a smaller micro-batch: the
     GradScaler has already unscaled the gradients, and the retry would step with scaled ones."""
-    from trainable import oom, steps
-    from trainable.model import load_model
+    from trainable.fit import oom, steps
+    from trainable.fit.model import load_model
 
     model = load_model(str(tiny_ast_1024), [str(i) for i in range(10)], 64)
     before = [p.detach().clone() for p in model.parameters()]
@@ -201,7 +201,7 @@ def test_oom_in_the_fp16_optimizer_step_is_a_clear_error_not_a_retry(tiny_ast_10
 
 
 def test_predict_batches_windows_with_the_same_result(exported, tmp_path):
-    from trainable.synth import WAV_KINDS, class_signal, write_clip
+    from trainable.data.synth import WAV_KINDS, class_signal, write_clip
 
     path = tmp_path / "long.wav"
     write_clip(path, class_signal(9, 30.0, 16000, np.random.default_rng(0)), WAV_KINDS[1])  # 14 windows of 400
@@ -219,7 +219,7 @@ def test_predict_batches_windows_with_the_same_result(exported, tmp_path):
 
 
 def test_predict_folder_reports_bad_files_and_goes_on(exported, tmp_path, capsys):
-    from trainable.synth import WAV_KINDS, class_signal, write_clip
+    from trainable.data.synth import WAV_KINDS, class_signal, write_clip
 
     folder = tmp_path / "clips"
     folder.mkdir()
@@ -239,8 +239,8 @@ def test_predict_folder_reports_bad_files_and_goes_on(exported, tmp_path, capsys
 
 
 def test_auto_frames_ignore_a_few_long_clips_and_say_which_are_cut(synth_root, tmp_path, caplog):
-    from trainable.audio import auto_num_frames
-    from trainable.synth import WAV_KINDS, class_signal, write_clip
+    from trainable.data.audio import auto_num_frames
+    from trainable.data.synth import WAV_KINDS, class_signal, write_clip
 
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)
@@ -259,7 +259,7 @@ def test_num_frames_above_the_pretrained_1024_warns(synth_root, tiny_ast_1024, c
     args = orchestrate.build_parser().parse_args(["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3",
                                                   "--num-frames", "2048", "--gpus", "0", "--storage-path", "/tmp/x"])
     from search_spaces import SPACES
-    from trainable.prepare import make_plan
+    from trainable.run.prepare import make_plan
 
     make_plan(args, SPACES, 0)
     err = capsys.readouterr().err
@@ -270,7 +270,7 @@ def test_num_frames_above_the_pretrained_1024_warns(synth_root, tiny_ast_1024, c
 
 
 def test_local_resume_survives_a_kill_between_the_checkpoint_renames(synth_root, tiny_ast_1024, tmp_path):
-    from trainable.local import main as train_main
+    from trainable.fit.local import main as train_main
 
     out = tmp_path / "run"
     args = ["--data-root", str(synth_root), "--model", str(tiny_ast_1024), "--folds", "1", "2", "3", "--test-fold", "1",
@@ -318,7 +318,7 @@ def test_best_config_test_figure_is_labelled_optimistic():
 def test_ci95_is_the_t_interval_over_folds():
     from scipy import stats as st
 
-    from trainable.stats import ci95
+    from trainable.results.stats import ci95
 
     acc = [0.70, 0.74, 0.68, 0.77, 0.72]
     lo, hi = ci95(acc)
@@ -330,7 +330,7 @@ def test_ci95_is_the_t_interval_over_folds():
 def test_corrected_resampled_t_test_by_hand():
     from scipy import stats as st
 
-    from trainable.stats import corrected_paired_ttest
+    from trainable.results.stats import corrected_paired_ttest
 
     chosen = [0.80, 0.78, 0.83, 0.79]
     other = [0.76, 0.77, 0.80, 0.75]
@@ -356,7 +356,7 @@ def test_summary_carries_ci95_and_comparisons(tmp_path):
         _fake_trial(exp, f, 1e-3, [good], [good], keep_epochs=(1,))
         _fake_trial(exp, f, 1e-4, [bad], [bad], keep_epochs=(1,))
     s = summarize(exp, export=False)
-    from trainable.stats import ci95
+    from trainable.results.stats import ci95
 
     assert s["ci95_plain"] == pytest.approx(list(ci95([0.8, 0.7, 0.9])))
     assert s["ci95"] == pytest.approx(list(ci95([0.8, 0.7, 0.9], 1.0)))  # 3 folds: n_test / n_train = 100 / 100

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from trainable.experiment import row_score, selection_score
-from trainable.select import TrialHistory, holdout_ratio, select
+from trainable.store.experiment import row_score, selection_score
+from trainable.results.select import TrialHistory, holdout_ratio, select
 
 
 def trial(fold, lr, vals, tests, epochs=None, bs=8):

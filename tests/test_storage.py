@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import ASTForAudioClassification
 
-from trainable.checkpoint import SIMULATE_DISK_FULL_ENV, TrainerState, save_checkpoint, snapshot_weights
+from trainable.fit.checkpoint import SIMULATE_DISK_FULL_ENV, TrainerState, save_checkpoint, snapshot_weights
 from trainable.config import TrainConfig
 from trainable.errors import AstCvError
-from trainable.experiment import trial_dirname
-from trainable.footprint import Footprint
-from trainable.lock import LOCK, ExperimentLock
-from trainable.reduce import summarize
-from trainable.storage import StorageFull, is_disk_full
-from trainable.train import fit
+from trainable.store.experiment import trial_dirname
+from trainable.store.footprint import Footprint
+from trainable.store.lock import LOCK, ExperimentLock
+from trainable.results.reduce import summarize
+from trainable.store.storage import StorageFull, is_disk_full
+from trainable.fit.train import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def test_keep_all_keeps_the_resume_point_of_every_epoch(synth_root, tiny_ast_102
 
 
 def test_a_finished_ast_base_trial_holds_under_0_45_gb_as_estimated(tmp_path):
-    from trainable.model import ast_base_config, count_parameters
+    from trainable.fit.model import ast_base_config, count_parameters
 
     config = ast_base_config(max_length=400, num_labels=10)
     model = ASTForAudioClassification(config)
@@ -203,7 +203,7 @@ def test_reducer_reads_the_grid_point_when_params_json_is_unreadable(tmp_path):
 CONTEND = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from trainable.lock import ExperimentLock
+from trainable.store.lock import ExperimentLock
 from trainable.errors import AstCvError
 print("ready", flush=True)
 while not os.path.exists({go!r}):
@@ -322,7 +322,7 @@ def _uri_args(demo_assets, storage, *extra):
 @pytest.mark.slow
 def test_s3_storage_resumes_without_retraining_and_reports_into_the_bucket(demo_assets, s3, tmp_path, capsys):
     import orchestrate
-    from trainable.storage import Store
+    from trainable.store.storage import Store
 
     args = _uri_args(demo_assets, s3, "--test-folds", "1")
     assert orchestrate.main(args) == 0, capsys.readouterr().err
@@ -365,7 +365,7 @@ def test_file_uri_storage_resumes_and_test_folds_can_grow(demo_assets, tmp_path,
 
 
 def test_local_best_is_repaired_after_a_kill_between_last_and_best(synth_root, tiny_ast_1024, tmp_path):
-    from trainable.local import main as train_main
+    from trainable.fit.local import main as train_main
 
     out = tmp_path / "run"
     args = ["--data-root", str(synth_root), "--model", str(tiny_ast_1024), "--folds", "1", "2", "3", "--test-fold", "1",
@@ -382,7 +382,7 @@ def test_local_best_is_repaired_after_a_kill_between_last_and_best(synth_root, t
 
 
 def test_preflight_refuses_in_one_line_when_the_disk_is_too_small(tmp_path):
-    from trainable.footprint import Need, check_space
+    from trainable.store.footprint import Need, check_space
 
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(AstCvError, match=f"Not enough disk space: {tmp_path} has") as refused:

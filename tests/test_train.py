@@ -5,14 +5,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import ASTForAudioClassification
 
-from trainable import local
+from trainable.fit import local
 from trainable.config import TrainConfig
-from trainable.model import build_tiny_ast, load_model
-from trainable.experiment import EPOCH
-from trainable.local import LocalRun
-from trainable.oom import SIMULATE_OOM_ENV, MicroBatch, OutOfMemoryAtOne
-from trainable.steps import train_step
-from trainable.train import fit
+from trainable.fit.model import build_tiny_ast, load_model
+from trainable.store.experiment import EPOCH
+from trainable.fit.local import LocalRun
+from trainable.fit.oom import SIMULATE_OOM_ENV, MicroBatch, OutOfMemoryAtOne
+from trainable.fit.steps import train_step
+from trainable.fit.train import fit
 
 REPORTED = {
     "epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",

@@ -18,3 +18,9 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def run_moved(old: str, new: str, main: Callable[[], int]) -> int:
+    """An old ``python -m`` spelling: say the new one on stderr, then run it."""
+    print(f"note: `python -m {old}` is now `python -m {new}`; running that.", file=sys.stderr)
+    return main()

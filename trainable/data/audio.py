@@ -17,8 +17,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from .data import audio_path, clip_id, label_indices
-from .errors import AstCvError
+from .metadata import audio_path, clip_id, label_indices
+from ..errors import AstCvError
 from .features import DEFAULT_NUM_FRAMES, SAMPLE_RATE, fbank, frames_for_seconds
 
 log = logging.getLogger(__name__)

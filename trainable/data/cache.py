@@ -5,7 +5,7 @@ The cache key hashes the feature recipe (frame count included) and the file list
 changed setting or file makes a new cache. Building is parallel, shows a progress bar, and holds a file lock so
 that trials starting together build it once.
 
-    python -m trainable.cache --data-root DIR --cache-dir DIR --num-frames 400
+    python -m trainable.data.cache --data-root DIR --cache-dir DIR --num-frames 400
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 from filelock import FileLock
 
 from .audio import AudioError, clip_features, parallel_map
-from .cli import run_cli
-from .config import TrainConfig
-from .data import audio_path, clip_id, label_indices, load_metadata
+from ..cli import run_cli
+from ..config import TrainConfig
+from .metadata import audio_path, clip_id, label_indices, load_metadata
 from .features import AUDIOSET_MEAN, AUDIOSET_STD, NUM_MEL_BINS, recipe_fingerprint
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainable.cache", description="Build the feature cache ahead of training.")
+    parser = argparse.ArgumentParser(prog="python -m trainable.data.cache", description="Build the feature cache ahead of training.")
     parser.add_argument("--data-root", required=True, help="UrbanSound8K folder")
     parser.add_argument("--cache-dir", required=True, help="folder holding feature caches")
     parser.add_argument("--num-frames", type=int, default=1024, help="frames per clip (default: 1024)")

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import AstCvError
+from ..errors import AstCvError
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(lines))
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

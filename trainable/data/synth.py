@@ -5,7 +5,7 @@ random variation, clips last 0.1 s to 4 s, and the file kinds of the real datase
 PCM, 32/64-bit float, WAVE_FORMAT_EXTENSIBLE, IMA ADPCM, mono and stereo, 8 to 192 kHz) are spread over every fold.
 Deterministic for a given seed.
 
-    python -m trainable.synth --out DIR [--clips-per-class 3] [--folds 1 2 3] [--seed 0]
+    python -m trainable.data.synth --out DIR [--clips-per-class 3] [--folds 1 2 3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from .data import ALL_FOLDS, AUDIO_DIRNAME, METADATA_RELPATH, REQUIRED_COLUMNS, US8K_CLASSES
+from .metadata import ALL_FOLDS, AUDIO_DIRNAME, METADATA_RELPATH, REQUIRED_COLUMNS, US8K_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def generate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainable.synth",
+        prog="python -m trainable.data.synth",
         description="Write a generated UrbanSound8K-shaped dataset (for the demo and the tests).",
     )
     parser.add_argument("--out", required=True, help="folder to write (audio/fold1..10 and metadata/UrbanSound8K.csv)")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .experiment import BEST_DIR, BEST_INFO, TRAINER_STATE, TRAINING_STATE, WEIGHTS
+from ..store.experiment import BEST_DIR, BEST_INFO, TRAINER_STATE, TRAINING_STATE, WEIGHTS
 from .model import export_model
 
 log = logging.getLogger(__name__)

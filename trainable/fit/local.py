@@ -1,6 +1,6 @@
 """The one-fold command line without Ray: the code path every trial runs, with its files in one folder.
 
-    python -m trainable.train --data-root DIR --model M --folds 1 2 10 --test-fold 1 --epochs 2 --output OUT
+    python -m trainable.fit --data-root DIR --model M --folds 1 2 10 --test-fold 1 --epochs 2 --output OUT
 
 OUT holds metrics.jsonl (one line per epoch), last/ (the latest checkpoint: the resume point), best/ (the best epoch's
 weights in float16, Hugging Face format) and tensorboard/. Re-running the same command resumes after the last finished
@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import read_trainer_state
-from .cli import run_cli
-from .config import add_config_arguments, config_from_args
-from .errors import AstCvError
-from .experiment import BEST_DIR, BEST_EPOCH, BEST_INFO, EPOCH, TRAINER_STATE, tensorboard_scalars
+from ..cli import run_cli
+from ..config import add_config_arguments, config_from_args
+from ..errors import AstCvError
+from ..store.experiment import BEST_DIR, BEST_EPOCH, BEST_INFO, EPOCH, TRAINER_STATE, tensorboard_scalars
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class LocalRun:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainable.train",
+        prog="python -m trainable.fit",
         description="Fine-tune AST on one fold with one configuration, without Ray (the code path every trial runs).",
     )
     add_config_arguments(parser)
@@ -128,11 +128,11 @@ def run(args: argparse.Namespace) -> int:
     from .train import fit
 
     if not args.data_root:
-        raise AstCvError("--data-root is required: the UrbanSound8K folder (or one made by python -m trainable.synth).")
+        raise AstCvError("--data-root is required: the UrbanSound8K folder (or one made by python -m trainable.data.synth).")
     config_from_args(args, num_frames=1024)  # the other settings are checked before the data is read
     if args.num_frames == "auto":
-        from .audio import auto_num_frames
-        from .data import load_metadata
+        from ..data.audio import auto_num_frames
+        from ..data.metadata import load_metadata
 
         args.num_frames = auto_num_frames(args.data_root, load_metadata(args.data_root, args.folds))
         log.info("--num-frames auto: %d frames", args.num_frames)
@@ -158,6 +158,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return run_cli(lambda: run(args), args.debug)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import AstCvError
-from .features import AUDIOSET_MEAN, AUDIOSET_STD, NUM_MEL_BINS, SAMPLE_RATE
+from ..errors import AstCvError
+from ..data.features import AUDIOSET_MEAN, AUDIOSET_STD, NUM_MEL_BINS, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import AstCvError
+from ..errors import AstCvError
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The training step, an epoch and evaluation: plain functions of a model (eager or compiled), batches and the
-out-of-memory controller. ``trainable.train`` puts them together into a trial.
+out-of-memory controller. ``trainable.fit.train`` puts them together into a trial.
 
 Compiled models (``--compile``) see fixed shapes: every batch is padded to the configured batch size (the padding
 carries no loss and no gradient, and evaluation cuts it off before scoring), so an epoch's last short batch compiles

@@ -1,6 +1,6 @@
 """Fine-tune AST on one fold with one configuration: a trial's set-up, its epoch loop (``fit``, over the steps of
-``trainable.steps``) and the refit on all folds. Ray-free; the Ray trial is
-``trainable.trial`` and the one-fold command line is ``trainable.local`` (``python -m trainable.train`` runs it).
+``trainable.fit.steps``) and the refit on all folds. Ray-free; the Ray trial is
+``trainable.run.trial`` and the one-fold command line is ``trainable.fit.local`` (``python -m trainable.fit`` runs it).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import TrainerState, load_best_weights, load_checkpoint, save_checkpoint, snapshot_weights
-from .config import TrainConfig
-from .data import class_names, drop_clips, load_metadata, split_folds
-from .errors import AstCvError
-from .experiment import (
+from ..config import TrainConfig
+from ..data.metadata import class_names, drop_clips, load_metadata, split_folds
+from ..errors import AstCvError
+from ..store.experiment import (
     BEST_EPOCH,
     BEST_TEST_ACCURACY,
     BEST_VAL_ACCURACY,
@@ -46,7 +46,7 @@ from .experiment import (
 )
 from .oom import MicroBatch
 from .steps import EpochWatch, compile_model, evaluate, train_one_epoch
-from .storage import temp_dir
+from ..store.storage import temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ def dataset_source(config: TrainConfig):
     full = load_metadata(config.data_root, config.folds)
     classes = class_names(full)
     if config.feature_cache:
-        from .cache import CachedDataset, FeatureCache
+        from ..data.cache import CachedDataset, FeatureCache
 
         cache = FeatureCache.open(config, full, workers=config.torch_threads or None)  # a trial's CPUs at most
         meta = drop_clips(full, {*config.skip_clips, *cache.excluded})
         return meta, classes, lambda rows: CachedDataset(cache, rows, classes)
-    from .audio import ClipDataset
+    from ..data.audio import ClipDataset
 
     meta = drop_clips(full, config.skip_clips)
     return meta, classes, lambda rows: ClipDataset(config.data_root, rows, classes, config.num_frames)
@@ -141,7 +141,7 @@ def training_objects(config: TrainConfig, classes: Sequence[str]):
 
 
 def pad_to(config: TrainConfig) -> int | None:
-    """Compiled models see one batch shape (``trainable.steps.pad_batch``); eager ones the batches as they come."""
+    """Compiled models see one batch shape (``trainable.fit.steps.pad_batch``); eager ones the batches as they come."""
     return config.batch_size if config.compile != "off" else None
 
 
@@ -208,7 +208,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         on_progress: Callable[[dict[str, Any]], None] | None = None, startup: dict[str, Any] | None = None) -> TrainerState:
     """Train for ``config.epochs`` epochs, calling ``report(metrics, checkpoint_dir)`` after each.
 
-    ``checkpoint_dir`` is a temporary folder holding that epoch's checkpoint (``trainable.checkpoint``: the resume
+    ``checkpoint_dir`` is a temporary folder holding that epoch's checkpoint (``trainable.fit.checkpoint``: the resume
     point, except after the last epoch unless ``keep_checkpoints`` is "all", and the best epoch's weights); the
     reporter must copy what it keeps before returning. With ``restore_dir``, training resumes exactly after that
     checkpoint's epoch (a finished trial's checkpoint: nothing is left to do). ``on_progress`` hears from inside
@@ -285,8 +285,3 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
         log.info("refit epoch %d/%d on all %d clips: train_loss %.4f (%.1f samples/s)", epoch, epochs, seen, loss, seen / max(seconds, 1e-9))
     return export_model(model.cpu(), out_dir, config.num_frames)
 
-
-if __name__ == "__main__":  # python -m trainable.train: the one-fold command line
-    from .local import main
-
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The reducer: an experiment folder (finished or partial) in; summary.json, per_trial.csv, report.md, plots and
 best_model/ out. Reads the files Ray Tune wrote (params.json, result.json, checkpoint_*/) without torch or Ray:
-read the trials -> select (``trainable.select``, pure) -> write.
+read the trials -> select (``trainable.results.select``, pure) -> write.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import AstCvError
-from .experiment import (
+from ..errors import AstCvError
+from ..store.experiment import (
     BEST_DIR,
     BEST_INFO,
     BEST_MODEL,
@@ -29,43 +29,15 @@ from .experiment import (
     VAL_ACCURACY,
     WEIGHTS,
     expected_trials,
-    parse_trial_dirname,
+    parse_rows,
+    trial_params,
     read_manifest,
 )
 from .report import render_report
 from .select import ConfigResult, Selection, TrialHistory, select
-from .storage import Store, join
+from ..store.storage import Store, join
 
 log = logging.getLogger(__name__)
-
-
-def parse_rows(text: str | None) -> list[dict[str, Any]]:
-    """A trial's epoch rows from its result.json, one per epoch (a retried epoch keeps its last report; a line cut
-    short by a kill or a full disk is skipped)."""
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for line in (text or "").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and EPOCH in row and VAL_ACCURACY in row:
-            by_epoch[int(row[EPOCH])] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def trial_params(store: Store, name: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """A trial's grid point: its params.json, else the config its results carry, else its folder's name (Ray's last
-    sync before a full disk can leave params.json empty). None for a folder that is not a trial."""
-    for source in (lambda: json.loads(store.read_text(f"{name}/params.json") or "null"),
-                   lambda: rows[-1].get("config") if rows else None,
-                   lambda: parse_trial_dirname(name)):
-        try:
-            params = source()
-        except (json.JSONDecodeError, OSError):
-            continue
-        if isinstance(params, dict) and all(k in params for k in ("test_fold", "lr", "batch_size")):
-            return params
-    return None
 
 
 def read_trials(exp: Store | str | Path, epochs_planned: int) -> list[TrialHistory]:

@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .data import default_val_fold
-from .experiment import EPOCH, TEST_ACCURACY, TEST_CONFUSION, VAL_ACCURACY, row_score
+from ..data.metadata import default_val_fold
+from ..store.experiment import EPOCH, TEST_ACCURACY, TEST_CONFUSION, VAL_ACCURACY, row_score
 from .stats import ci95, corrected_paired_ttest, mean_std
 
 ALPHA = 0.05  # significance level of the config comparisons

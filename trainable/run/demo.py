@@ -14,13 +14,13 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .audio import ClipDataset
-from .data import class_names, load_metadata
-from .model import build_tiny_ast, export_model, fit_time_frames
-from .synth import generate
-from .oom import MicroBatch
-from .steps import train_one_epoch
-from .train import seed_everything
+from ..data.audio import ClipDataset
+from ..data.metadata import class_names, load_metadata
+from ..fit.model import build_tiny_ast, export_model, fit_time_frames
+from ..data.synth import generate
+from ..fit.oom import MicroBatch
+from ..fit.steps import train_one_epoch
+from ..fit.train import seed_everything
 
 log = logging.getLogger(__name__)
 

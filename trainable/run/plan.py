@@ -14,11 +14,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import TrainConfig
-from .errors import AstCvError
-from .experiment import format_lr
-from .footprint import Footprint
-from .storage import Store, is_uri, join
+from ..config import TrainConfig
+from ..errors import AstCvError
+from ..store.experiment import format_lr
+from ..store.footprint import Footprint
+from ..store.storage import Store, is_uri, join
 
 GRID_KEYS = ("test_fold", "lr", "batch_size")
 DEFAULT_NAME = "ast-cv"

@@ -11,9 +11,9 @@ import sys
 import tempfile
 from typing import Any
 
-from .errors import AstCvError
-from .experiment import read_manifest
-from .footprint import Footprint, Need, cache_bytes, check_space
+from ..errors import AstCvError
+from ..store.experiment import EPOCH, parse_rows, read_manifest, trial_params
+from ..store.footprint import Footprint, Need, cache_bytes, check_space
 from .plan import (
     Plan,
     build_grid,
@@ -27,7 +27,7 @@ from .plan import (
     split_space,
     with_demo_defaults,
 )
-from .storage import Store, human_bytes
+from ..store.storage import Store, human_bytes
 
 
 def warn(message: str) -> None:
@@ -36,7 +36,7 @@ def warn(message: str) -> None:
 
 def _resolve_frames(values: dict[str, Any], meta) -> Any:
     """Replace num_frames 'auto' by the count that holds the clips; returns the file headers read (or None)."""
-    from .audio import choose_num_frames, describe_cut, long_input_warning, read_headers
+    from ..data.audio import choose_num_frames, describe_cut, long_input_warning, read_headers
 
     headers = None
     if values.get("num_frames") == "auto":
@@ -58,8 +58,8 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
     A new experiment takes its settings from the flags; an existing one (re-run, or --resume) from its manifest, with
     the changes ``plan.continued_values`` allows. The model is resolved here (a hub id is fetched once).
     """
-    from .data import class_names, load_metadata
-    from .model import resolve_model
+    from ..data.metadata import class_names, load_metadata
+    from ..fit.model import resolve_model
 
     args, demo = with_demo_defaults(args)
     storage, name, exp_dir = experiment_location(args.storage_path, args.name)
@@ -92,16 +92,16 @@ def prepare_inputs(plan: Plan, meta, headers) -> Plan:
     Clips that cannot be used (empty, corrupt, NaN/inf samples) are left out of every trial, listed here and in the
     report; recordings (fsIDs) in several folds are listed too.
     """
-    from .data import clip_id, recordings_in_several_folds
+    from ..data.metadata import clip_id, recordings_in_several_folds
 
     if plan.config.feature_cache:
-        from .cache import FeatureCache
+        from ..data.cache import FeatureCache
 
         cache = FeatureCache.open(plan.config, meta)
         print(f"Feature cache: {cache.path} ({len(cache.index)} clips, {plan.config.num_frames} frames)", flush=True)
         bad = dict(cache.excluded)
     else:
-        from .audio import find_unusable
+        from ..data.audio import find_unusable
 
         bad = find_unusable(plan.config.data_root, meta, headers)
     if bad:
@@ -120,18 +120,22 @@ def prepare_inputs(plan: Plan, meta, headers) -> Plan:
 
 def trials_finished(plan: Plan) -> set[str]:
     """Names of the experiment's trials that have reported their last epoch."""
-    from .reduce import read_trials
-
     if not plan.restore:
         return set()
-    return {t.name for t in read_trials(plan.store, plan.config.epochs) if t.finished}
+    finished = set()
+    for name in plan.store.list_dirs():
+        rows = parse_rows(plan.store.read_text(f"{name}/result.json"))
+        params = trial_params(plan.store, name, rows)
+        if params is not None and rows and rows[-1][EPOCH] >= int(params.get("epochs", plan.config.epochs)):
+            finished.add(name)
+    return finished
 
 
 def preflight(plan: Plan, meta, refit: bool, override: bool) -> Plan:
     """Print the disk the trials left need (at the peak and at the end) and what is free at the storage path, the
     cache and the temporary folder; refuse in one line when it does not fit (``override``: warn and go on)."""
-    from .cache import cache_is_built
-    from .model import count_parameters
+    from ..data.cache import cache_is_built
+    from ..fit.model import count_parameters
 
     params = count_parameters(plan.model_dir, len(plan.classes), plan.config.num_frames)
     finished = trials_finished(plan)

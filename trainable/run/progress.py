@@ -1,6 +1,6 @@
 """What the console says while the grid runs: one line per epoch result and per finished or failed trial, each with
 the grid's ETA, a line from inside long epochs, and the grid's time as soon as one epoch is measured. Ray-free: the
-Tune callback in ``trainable.tuner`` feeds it plain values.
+Tune callback in ``trainable.run.tuner`` feeds it plain values.
 
 The ETA comes from measured figures only: the median epoch time (each trial reports ``epoch_seconds``; after a resume
 the trials' last results carry it), what a trial costs beyond its epochs (this session's wall time not spent in
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .experiment import EPOCH, EPOCH_SECONDS, SAMPLES_PER_SECOND, SETUP_SECONDS, TEST_ACCURACY, VAL_ACCURACY
+from ..store.experiment import EPOCH, EPOCH_SECONDS, SAMPLES_PER_SECOND, SETUP_SECONDS, TEST_ACCURACY, VAL_ACCURACY
 
 STEP_LINE_EVERY_S = 60.0  # at least one line a minute from inside an epoch
 

@@ -1,5 +1,5 @@
 """The Ray Tune trial: one fold x config, reporting every epoch with its checkpoint. The only module of
-``trainable/`` besides ``tuner`` that imports Ray; what it runs is the Ray-free ``trainable.train.fit``.
+``trainable/`` besides ``tuner`` that imports Ray; what it runs is the Ray-free ``trainable.fit.train.fit``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checkpoint import pick_restore_point
-from .config import TrainConfig
-from .experiment import CUDA_VISIBLE_DEVICES, NODE_ID
-from .storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
+from ..fit.checkpoint import pick_restore_point
+from ..config import TrainConfig
+from ..store.experiment import CUDA_VISIBLE_DEVICES, NODE_ID
+from ..store.storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
     import transformers  # noqa: F401  (imported by the model loader anyway: timed here, with the rest)
     from ray import tune
 
-    from .train import fit
+    from ..fit.train import fit
 
     startup["imports_s"] = round(time.perf_counter() - began, 4)
     config = TrainConfig.from_dict({**base, **trial_config})

@@ -1,12 +1,14 @@
 """Running a Plan with Ray Tune: start or join Ray, build (or restore) the Tuner over the grid, print one line per
-epoch result, and stop the whole run at once when the disk fills. With ``trainable.trial``, the only modules of the
+epoch result, and stop the whole run at once when the disk fills. With ``trainable.run.trial``, the only modules of the
 project that import Ray.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 import pickle
 import time
 import uuid
@@ -15,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .checkpoint import SIMULATE_DISK_FULL_ENV
-from .errors import AstCvError
-from .experiment import EPOCH, expected_trials, tensorboard_scalars, trial_dirname
+from ..fit.checkpoint import SIMULATE_DISK_FULL_ENV
+from ..errors import AstCvError
+from ..store.experiment import EPOCH, expected_trials, tensorboard_scalars, trial_dirname
 from .plan import GRID_KEYS, Plan
 from .progress import Progress, TrialView
-from .storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
+from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
 
 # Driver-side Ray settings for the Tuner's run (restored afterwards): no usage stats, no sync-time warnings, and the
 # classic console output (Tune's new one prints boxes and a TensorBoard path into /tmp/ray); --debug keeps Ray's own.
@@ -86,7 +88,7 @@ def views(trials) -> list[TrialView]:
 
 
 def make_callback(plan: Plan, progress: Progress, board_name: str | None = None):
-    """The Tune callback: progress lines (``trainable.progress``) and the storage watch.
+    """The Tune callback: progress lines (``trainable.run.progress``) and the storage watch.
 
     A trial that failed on a full disk, or free space at a local storage path below what the next checkpoint needs,
     stops the whole run (raising StorageFull through Tune): every other trial would fail the same way.
@@ -194,12 +196,12 @@ def progress_board(name: str):
 
 def checkpoint_config(tune, keep: str):
     """What Ray keeps of each trial's checkpoints: "best" the latest only (it carries the best weights, see
-    ``trainable.checkpoint``), "all" every one."""
+    ``trainable.fit.checkpoint``), "all" every one."""
     return tune.CheckpointConfig(num_to_keep=1 if keep == "best" else None)
 
 
 def ray_init_args(plan: Plan, debug: bool) -> dict[str, Any]:
-    project_root = str(Path(__file__).resolve().parent.parent)
+    project_root = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")])),
            "TOKENIZERS_PARALLELISM": "false", **{k: os.environ[k] for k in PASSED_TO_TRIALS if k in os.environ}}
     init: dict[str, Any] = dict(log_to_driver=debug, runtime_env={"env_vars": env},
@@ -244,6 +246,25 @@ def fit(tuner, plan: Plan) -> None:
         raise
 
 
+# Where each module of the flat layout (before trainable/ had folders) lives now. An experiment started before the
+# move holds pickles (the Tuner, its callbacks) that name the old modules; restoring it needs them under both names.
+# (trainable.data is now the folder: nothing of the old metadata module was pickled.)
+MOVED_MODULES = {f"trainable.{old}": f"trainable.{new}" for old, new in {
+    "audio": "data.audio", "features": "data.features", "cache": "data.cache",
+    "synth": "data.synth", "train": "fit.train", "steps": "fit.steps", "oom": "fit.oom", "checkpoint": "fit.checkpoint",
+    "model": "fit.model", "local": "fit.local", "storage": "store.storage", "experiment": "store.experiment",
+    "lock": "store.lock", "footprint": "store.footprint", "plan": "run.plan", "prepare": "run.prepare",
+    "tuner": "run.tuner", "trial": "run.trial", "progress": "run.progress", "demo": "run.demo",
+    "reduce": "results.reduce", "select": "results.select", "stats": "results.stats", "report": "results.report",
+    "plots": "results.plots"}.items()}
+
+
+def alias_moved_modules() -> None:
+    """Make the old module names importable for unpickling an experiment started before the layout move."""
+    for old, new in MOVED_MODULES.items():
+        sys.modules[old] = importlib.import_module(new)
+
+
 def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Outcome:
     """Start or join Ray; continue the recorded Ray run (restore), then start the trials of test folds not run yet
     (all of them for a new experiment). Raises StorageFull when the disk fills."""
@@ -272,6 +293,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             if plan.restore and tune.Tuner.can_restore(plan.exp_dir):
                 print(f"Resuming {plan.exp_dir}: finished trials are kept, the others continue from their last "
                       f"checkpoint.", flush=True)
+                alias_moved_modules()
                 tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
                 tuner._local_tuner._run_config.callbacks = callbacks  # else the pickled ones of the first run
                 fit(tuner, plan)

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import AstCvError
+from ..errors import AstCvError
 from .storage import Store, join
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def package_versions() -> dict[str, str]:
 
 def git_commit(path: Path | None = None) -> str | None:
     """The project's git commit (with '-dirty' if changed), or None outside a checkout."""
-    here = path or Path(__file__).resolve().parent.parent
+    here = path or Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if commit.returncode != 0:
@@ -174,3 +174,32 @@ def read_manifest(exp: Store | str | Path) -> dict[str, Any] | None:
         raise AstCvError(f"{join(store.location, MANIFEST)} is damaged ({type(exc).__name__}: {exc}); it records how the "
                          f"experiment was started. Restore it from a copy, or pass --name NEW for a new experiment.") from None
     return manifest
+
+
+def parse_rows(text: str | None) -> list[dict[str, Any]]:
+    """A trial's epoch rows from its result.json, one per epoch (a retried epoch keeps its last report; a line cut
+    short by a kill or a full disk is skipped)."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in (text or "").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and EPOCH in row and VAL_ACCURACY in row:
+            by_epoch[int(row[EPOCH])] = row
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def trial_params(store: Store, name: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A trial's grid point: its params.json, else the config its results carry, else its folder's name (Ray's last
+    sync before a full disk can leave params.json empty). None for a folder that is not a trial."""
+    for source in (lambda: json.loads(store.read_text(f"{name}/params.json") or "null"),
+                   lambda: rows[-1].get("config") if rows else None,
+                   lambda: parse_trial_dirname(name)):
+        try:
+            params = source()
+        except (json.JSONDecodeError, OSError):
+            continue
+        if isinstance(params, dict) and all(k in params for k in ("test_fold", "lr", "batch_size")):
+            return params
+    return None

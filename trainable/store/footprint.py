@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import AstCvError
+from ..errors import AstCvError
 from .storage import free_bytes, human_bytes, same_filesystem
 
 RESUME_BYTES_PER_PARAM = 12  # float32 weights + AdamW exp_avg + exp_avg_sq

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import AstCvError
+from ..errors import AstCvError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import AstCvError
+from ..errors import AstCvError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
@@ -112,7 +112,7 @@ def is_disk_full(exc: BaseException) -> bool:
 class StorageFull(AstCvError):
     """A write failed because the disk (or quota) is full; the message names the path, what is free, what to do."""
 
-    MARKER = "StorageFull: "  # how a traceback (Ray's error.txt) shows it: ``trainable.storage.StorageFull: message``
+    MARKER = "StorageFull: "  # how a traceback (Ray's error.txt) shows it: ``trainable.store.storage.StorageFull: message``
 
     def __init__(self, path: str | Path, detail: str = "", elsewhere: str = "--storage-path on a larger disk"):
         self.path = str(path)
