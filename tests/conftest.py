@@ -28,7 +28,8 @@ def synth_root(tmp_path_factory):
     return root
 
 
-DEMO_SOURCES = ("demo.py", "synth.py", "model.py", "features.py", "audio.py", "steps.py", "train.py", "oom.py", "data.py")
+DEMO_SOURCES = ("run/demo.py", "data/synth.py", "fit/model.py", "data/features.py", "data/audio.py", "fit/steps.py", "fit/train.py",
+                "fit/oom.py", "data/metadata.py")
 
 
 @pytest.fixture(scope="session")
