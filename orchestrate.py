@@ -14,9 +14,11 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import tempfile
-from contextlib import nullcontext
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,8 +26,9 @@ from search_spaces import SPACES
 from trainable.cli import run_cli
 from trainable.config import add_config_arguments, auto_or, set_by_orchestrator
 from trainable.errors import AstCvError
-from trainable.store.experiment import FINAL_MODEL, REPORT, SUMMARY, format_lr, update_manifest, write_manifest
-from trainable.store.lock import ExperimentLock
+from trainable.store.experiment import (FINAL_MODEL, REPORT, SUMMARY, expected_trials, format_lr, update_manifest,
+                                        write_manifest)
+from trainable.store.lock import STALE_S, ExperimentLock
 from trainable.run.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
 from trainable.run.prepare import warn
 from trainable.store.storage import is_uri, join
@@ -36,9 +39,10 @@ result.json and TensorBoard events), then summary.json, report.md, per_trial.csv
 Face format). Before the first trial the run prints the disk it needs and refuses when it is not free.
 Watch training with:  tensorboard --logdir STORAGE/NAME
 Re-running the same command (or --resume with --storage-path and --name only) continues an interrupted experiment:
-finished trials are not rerun, running ones continue from their last epoch checkpoint. One orchestrator at a time
-per experiment folder (a lock not refreshed for 2 minutes is taken over). Exit status: 0 done, 1 trials failed or
-unfinished, 2 a mistake to fix (one line says what), 130 interrupted.
+finished trials are not rerun, running ones continue from their last epoch checkpoint; on a finished experiment it
+only rewrites the report. One orchestrator at a time per experiment folder (a lock not refreshed for 2 minutes is
+taken over; --wait-for-lock waits for that). Exit status: 0 done, 1 trials failed or unfinished, 2 a mistake to fix
+(one line says what), 130 interrupted.
 """
 
 
@@ -106,6 +110,10 @@ def _results(out) -> None:
                      help="continue the experiment NAME with its recorded data, model, grid and settings; only "
                      f"--storage-path and --name are needed (re-running the same command does this too). Changeable when "
                      f"continuing: {CHANGEABLE_FLAGS}")
+    out.add_argument("--wait-for-lock", type=float, nargs="?", const=WAIT_FOR_LOCK_S, default=0.0, metavar="SECONDS",
+                     help="when another orchestrator's lock holds the experiment (e.g. a disconnected Colab VM's, taken "
+                     f"over once stale), wait for it with a countdown, up to SECONDS (without a value {WAIT_FOR_LOCK_S:.0f}), "
+                     "then continue, instead of stopping with 'run the same command again in N s' (default: do not wait)")
     out.add_argument("--no-space-check", action="store_true",
                      help="start even when the estimated disk need (printed before the first trial) exceeds the free space")
     out.add_argument("--max-failures", type=int, default=2,
@@ -117,6 +125,35 @@ def _results(out) -> None:
                      help="only (re)write summary.json, report.md, plots and best_model/ of an existing experiment (a "
                      "folder or a URI); exit status 1 when no model could be exported")
     out.add_argument("--debug", action="store_true", help="show full tracebacks and Ray's own output")
+
+
+WAIT_FOR_LOCK_S = 2.5 * STALE_S
+LOCK_POLL_S = 10.0
+LOCK_STALE_ENV = "ASTCV_LOCK_STALE_S"  # rehearsals and tests: a lock counts as stale after this many seconds
+
+
+def hold_lock(stack: ExitStack, folder: Path, wait_s: float) -> None:
+    """Hold the experiment's lock for ``stack``'s block. Refused (another orchestrator holds it) and ``wait_s`` > 0:
+    try again every LOCK_POLL_S with a countdown line until the lock is free or taken over, at most ``wait_s``."""
+    stale = {"stale_s": float(os.environ[LOCK_STALE_ENV])} if os.environ.get(LOCK_STALE_ENV) else {}
+    lock = ExperimentLock(folder, **stale)  # one instance: it may remember what it saw of the lock between tries
+    poll = min(LOCK_POLL_S, stale.get("stale_s", STALE_S) / 4)
+    deadline, first = time.monotonic() + wait_s, True
+    while True:
+        try:
+            stack.enter_context(lock)
+            return
+        except AstCvError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if first:
+                print(f"Waiting for the lock (--wait-for-lock): {re.split(r' [(]|[.:] ', str(exc))[0]}.", flush=True)
+                first = False
+            hint = re.search(r"again in (\d+) s", str(exc))
+            print(f"  {'about ' + hint[1] + ' s until it may be taken over; ' if hint else 'still held; '}"
+                  f"giving up in {left:.0f} s", flush=True)
+            time.sleep(min(poll, left))
 
 
 def ensure_writable(exp_dir: Path) -> None:
@@ -212,12 +249,39 @@ def report_only(location: str) -> int:
     return 1 if summary["best_model_dir"] is None and summary["mean"] is not None else 0
 
 
+def is_complete(plan) -> bool:
+    """Has every trial of a continued experiment's grid reported its last epoch (nothing left to train)?"""
+    from trainable.run.prepare import trials_finished
+
+    return plan.restore and not plan.new_test_folds and trials_finished(plan) >= set(expected_trials(plan.grid))
+
+
+def train(plan, meta, headers, args):
+    """Check the disk, build the cache, record the plan and run the trials: (outcome, summary), summary None when
+    interrupted."""
+    from trainable.run.prepare import preflight, prepare_inputs
+    from trainable.results.reduce import summarize
+
+    plan = preflight(plan, meta, args.refit, args.no_space_check)
+    plan = prepare_inputs(plan, meta, headers)
+    record(plan, args)
+    from trainable.run.tuner import run_experiment
+
+    outcome = run_experiment(plan, args.debug, args.max_failures)
+    if outcome.interrupted and not outcome.failed:
+        return outcome, None
+    summary = summarize(plan.store)
+    if args.refit:
+        refit(summary, plan)
+    return outcome, summary
+
+
 def run(args: argparse.Namespace) -> int:
     if args.report_only:
         return report_only(args.report_only)
     import torch
 
-    from trainable.run.prepare import make_plan, preflight, prepare_inputs
+    from trainable.run.prepare import make_plan
     from trainable.results.reduce import summarize
 
     gpus = torch.cuda.device_count()
@@ -226,22 +290,23 @@ def run(args: argparse.Namespace) -> int:
     local = plan.store.local_path
     if local is not None:
         ensure_writable(local)
-    with ExperimentLock(local) if local is not None else nullcontext():
-        plan = preflight(plan, meta, args.refit, args.no_space_check)
-        plan = prepare_inputs(plan, meta, headers)
-        record(plan, args)
-        from trainable.run.tuner import run_experiment
-
-        outcome = run_experiment(plan, args.debug, args.max_failures)
-        if outcome.interrupted and not outcome.failed:
-            print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
-            return 130
-        summary = summarize(plan.store)
-        if args.refit:
-            refit(summary, plan)
+    failed = 0
+    with ExitStack() as held:
+        if local is not None:
+            hold_lock(held, local, args.wait_for_lock)
+        if is_complete(plan) and not args.refit:  # no Ray, no cache: the report only
+            print(f"Experiment {plan.exp_dir} is complete ({plan.trials} of {plan.trials} trials finished); "
+                  f"rewriting its report.", flush=True)
+            summary = summarize(plan.store)
+        else:
+            outcome, summary = train(plan, meta, headers, args)
+            if summary is None:
+                print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
+                return 130
+            failed = outcome.failed
     print_summary(summary, plan.exp_dir)
-    if outcome.failed:
-        print(f"{outcome.failed} trial(s) failed; see error.txt in their folders. Re-run the same command to retry them.",
+    if failed:
+        print(f"{failed} trial(s) failed; see error.txt in their folders. Re-run the same command to retry them.",
               file=sys.stderr)
         return 1
     if summary.get("export_problem"):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -127,14 +129,48 @@ def long_input_warning(num_frames: int) -> str | None:
             f"the frames). UrbanSound8K's clips fit in 400 (--num-frames auto).")
 
 
+class LineProgress:
+    """Progress as whole lines, for a pipe or a notebook cell (where a redrawn bar becomes a new line at every redraw):
+    a line at each further 10 % or after ``every_s`` seconds, whichever comes first, and one at the end."""
+
+    def __init__(self, total: int, desc: str, stream=None, every_s: float = 30.0):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.stream = stream or sys.stderr
+        self.done, self.start = 0, time.monotonic()
+        self.last_t, self.last_tenth = self.start, 0
+
+    def _line(self, elapsed: float) -> None:
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = f", about {(self.total - self.done) / rate:.0f} s left" if rate and self.done < self.total else ""
+        print(f"{self.desc}: {self.done}/{self.total} clips ({100 * self.done / max(self.total, 1):.0f} %, "
+              f"{elapsed:.0f} s{left})", file=self.stream, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now, tenth = time.monotonic(), 10 * self.done // max(self.total, 1)
+        if self.done < self.total and (tenth > self.last_tenth or now - self.last_t >= self.every_s):
+            self._line(now - self.start)
+            self.last_t, self.last_tenth = now, tenth
+
+    def close(self) -> None:
+        self._line(time.monotonic() - self.start)
+
+
+def progress_bar(total: int, desc: str):
+    """tqdm's bar on a terminal; LineProgress where stderr is a pipe or a notebook."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="clip", mininterval=2.0)
+    return LineProgress(total, desc)
+
+
 def parallel_map(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int | None, desc: str) -> Iterator[Any]:
     """``fn`` over ``jobs`` in ``workers`` processes (default: every core), results in order, with a progress bar."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm.auto import tqdm
-
     workers = max(1, workers or os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc=desc, unit="clip", mininterval=2.0)
+    bar = progress_bar(len(jobs), desc)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
         for result in (pool.map(fn, jobs, chunksize=16) if pool else map(fn, jobs)):

@@ -253,6 +253,24 @@ def drop_clips(metadata: pd.DataFrame, clips: Iterable[str]) -> pd.DataFrame:
 US8K_FOLD_SIZES = {1: 873, 2: 888, 3: 925, 4: 990, 5: 936, 6: 823, 7: 838, 8: 806, 9: 816, 10: 837}
 
 
+def _by_fold(items: list[tuple[int, str]], among: set[tuple[int, str]], words: tuple[str, str]) -> list[str]:
+    """Missing or extra files summarized by fold (folds where all of them are, folds where some are), then examples:
+    a dataset missing whole folds reads as that, not as a list of one fold's file names."""
+    count = {f: sum(1 for g, _ in items if g == f) for f in sorted({f for f, _ in items})}
+    of = {f: sum(1 for g, _ in among if g == f) for f in count}
+    whole = [f for f in count if count[f] == of[f]]
+    part = [f for f in count if count[f] < of[f]]
+    lines = []
+    if whole:
+        lines.append(f"  folds {words[0]}: {', '.join(map(str, whole))} ({sum(count[f] for f in whole):,} files)")
+    if part:
+        lines.append(f"  folds {words[1]}: " + ", ".join(f"fold {f} ({count[f]:,} of {of[f]:,})" for f in part))
+    examples = [i for i in items if i[0] in part][:5] or items[:5]
+    more = len(items) - len(examples)
+    lines.append("  e.g. " + ", ".join(f"fold{f}/{n}" for f, n in examples) + (f" and {more:,} more" if more else ""))
+    return lines
+
+
 def verify_dataset(root: str | Path) -> tuple[bool, list[str]]:
     """Compare a folder with the real UrbanSound8K's shape. Returns (matches, report lines)."""
     root = Path(root).expanduser()
@@ -276,11 +294,12 @@ def verify_dataset(root: str | Path) -> tuple[bool, list[str]]:
     on_disk = {(int(p.parent.name[4:]), p.name) for p in (root / AUDIO_DIRNAME).glob("fold*/*")
                if p.is_file() and p.parent.name[4:].isdigit() and not p.name.startswith(".")}
     missing, extra = sorted(listed - on_disk), sorted(on_disk - listed)
-    for what, items in (("missing (listed in the CSV, not on disk)", missing), ("extra (on disk, not in the CSV)", extra)):
+    for what, items, among, words in (
+            ("missing (listed in the CSV, not on disk)", missing, listed, ("missing entirely", "missing in part")),
+            ("extra (on disk, not in the CSV)", extra, on_disk, ("not in the CSV at all", "with extra files"))):
         if items:
             ok = False
-            sample = ", ".join(f"fold{f}/{n}" for f, n in items[:5])
-            lines.append(f"{len(items):,} files {what}: {sample}{' ...' if len(items) > 5 else ''}")
+            lines += [f"{len(items):,} files {what}:", *_by_fold(items, among, words)]
     lines.append("matches UrbanSound8K's shape" if ok else "does NOT match UrbanSound8K's shape (see above)")
     return ok, lines
 

@@ -1,14 +1,36 @@
-"""Figures for report.md: per-fold accuracy per config, learning curves, confusion matrix, per-class accuracy."""
+"""Figures for report.md, sized for a paper's column: per-fold accuracy per config, learning curves, confusion matrix,
+per-class accuracy. Each is written as PNG (300 dpi) and as vector SVG and PDF, COLUMN_IN wide, with fonts of at
+least FONT_PT at that size, the Okabe-Ito colour-blind-safe palette, and no title (the report's caption says what it
+shows)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..store.experiment import format_lr
+
 PLOTS_DIR = "plots"
+FORMATS = ("png", "svg", "pdf")
+COLUMN_IN = 3.3  # one column of a two-column paper
+FONT_PT = 8
+DPI = 300
+# Okabe & Ito (2008), blue and vermillion first; the yellow, hard to see on white, late.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+HATCHES = ("//", "\\\\", "..", "xx", "--", "||", "++", "oo")
+LINESTYLES = ("-", "--", ":", "-.")
+CAPTIONS = {
+    "fold_accuracy": "Test accuracy per test fold and config at each fold's best-validation epoch; the last group is "
+                     "the mean over folds (error bar: ± sample std).",
+    "learning_curves": "Accuracy per epoch, mean over test folds (band: ± sample std over folds); top: validation "
+                       "fold, bottom: test fold.",
+    "confusion_matrix": "Confusion matrix of the nested selection, summed over test folds, as % of each true class "
+                        "(rows).",
+    "per_class_accuracy": "Test accuracy per class (nested selection, summed over test folds); dashed: the overall "
+                          "nested mean.",
+}
 
 
 def _pyplot():
@@ -17,139 +39,146 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": FONT_PT, "axes.labelsize": FONT_PT, "xtick.labelsize": FONT_PT,
+                         "ytick.labelsize": FONT_PT, "legend.fontsize": FONT_PT, "font.family": "DejaVu Sans",
+                         "svg.fonttype": "none", "pdf.fonttype": 42, "axes.spines.top": False,
+                         "axes.spines.right": False, "hatch.linewidth": 0.6})
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
+def _figure(height_in: float, **kwargs):
+    return _pyplot().subplots(figsize=(COLUMN_IN, height_in), layout="constrained", **kwargs)
+
+
+def save(fig, out: Path, name: str) -> Path:
+    """Write ``name``.png, .svg and .pdf into ``out`` at the figure's own size (no tight bounding box); the PNG's path."""
+    for ext in FORMATS:
+        fig.savefig(out / f"{name}.{ext}", dpi=DPI)
     _pyplot().close(fig)
-    return path
+    return out / f"{name}.png"
 
 
-def _config_label(lr: float, batch: int) -> str:
-    return f"lr {lr:g}, batch {batch}"
+def config_label(lr: float, batch: int) -> str:
+    return f"lr {format_lr(lr)}, batch {batch}"
 
 
-def fold_accuracy(summary: dict[str, Any], out: Path) -> Path:
-    """Per-fold test accuracy of every config, each config's mean (line) ± std (band)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    folds = sorted({int(f) for c in summary["configs"] for f in c["test_accuracy"]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    n = max(1, len(summary["configs"]))
+def fold_accuracy(summary: dict[str, Any]):
+    """Grouped bars: each test fold's accuracy per config, then each config's mean ± std over its folds."""
+    configs = summary["configs"]
+    folds = sorted({int(f) for c in configs for f in c["test_accuracy"]})
+    fig, ax = _figure(2.2 + 0.16 * len(configs))
+    n = max(1, len(configs))
     width = 0.8 / n
-    for k, c in enumerate(summary["configs"]):
-        color = colors[k % len(colors)]
-        xs = [folds.index(int(f)) + (k - (n - 1) / 2) * width for f in c["test_accuracy"]]
-        ys = [100 * a for a in c["test_accuracy"].values()]
-        label = _config_label(c["lr"], c["batch_size"])
+    for k, c in enumerate(configs):
+        color, shift = PALETTE[k % len(PALETTE)], (k - (n - 1) / 2) * width
+        xs = [folds.index(int(f)) + shift for f in c["test_accuracy"]]
+        ax.bar(xs, [100 * a for a in c["test_accuracy"].values()], width=width, color=color,
+               label=config_label(c["lr"], c["batch_size"]))
         if c["mean"] is not None:
-            std = 100 * (c["std"] or 0.0)
-            label += f": {100 * c['mean']:.1f} ± {std:.1f} %"
-            ax.axhspan(100 * c["mean"] - std, 100 * c["mean"] + std, color=color, alpha=0.08)
-            ax.axhline(100 * c["mean"], color=color, lw=1, ls="--")
-        ax.bar(xs, ys, width=width, color=color, label=label)
-    ax.set_xticks(range(len(folds)), [str(f) for f in folds])
+            ax.bar(len(folds) + 0.5 + shift, 100 * c["mean"], width=width, color=color, yerr=100 * (c["std"] or 0.0),
+                   error_kw={"ecolor": "black", "elinewidth": 0.8, "capsize": 2})
+    ax.set_xticks([*range(len(folds)), len(folds) + 0.5], [str(f) for f in folds] + ["mean"])
+    ax.axvline(len(folds) - 0.25, color="gray", lw=0.6)
     ax.set_xlabel("test fold")
-    ax.set_ylabel("test accuracy (%) at best-validation epoch")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Test accuracy per fold and config (dashed: mean, band: ± std)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(2, n), fontsize=8, frameon=False)
-    fig.tight_layout()
-    return _save(fig, out / "fold_accuracy.png")
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=2 if n > 1 else 1, frameon=False, handlelength=1.2)
+    return fig
 
 
-def learning_curves(trial_rows: dict[str, list[dict[str, Any]]], trial_info: dict[str, tuple[int, float, int]], out: Path) -> Path:
-    """Validation (solid) and test (dashed) accuracy per epoch, one panel per test fold, one colour per config."""
+def _epoch_stats(trial_rows, trial_info, config, key: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(epochs, mean, std) of ``key`` over the folds of ``config`` that reached each epoch (std 0 with one fold)."""
+    per_epoch: dict[int, list[float]] = {}
+    for name, (_, lr, bs) in trial_info.items():
+        if (lr, bs) == config:
+            for r in trial_rows.get(name, []):
+                per_epoch.setdefault(int(r["epoch"]), []).append(100 * r[key])
+    epochs = sorted(per_epoch)
+    values = [per_epoch[e] for e in epochs]
+    return (epochs, np.array([np.mean(v) for v in values]),
+            np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]))
+
+
+def learning_curves(trial_rows: dict[str, list[dict[str, Any]]], trial_info: dict[str, tuple[int, float, int]]):
+    """Validation (top) and test (bottom) accuracy per epoch, mean over folds per config, ± std as hatched bands."""
     plt = _pyplot()
-    folds = sorted({f for f, _, _ in trial_info.values()})
     configs = sorted({(lr, bs) for _, lr, bs in trial_info.values()})
-    cols = min(5, max(1, len(folds)))
-    rows = math.ceil(len(folds) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.8), sharey=True, squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax in axes.flat[len(folds):]:
-        ax.set_visible(False)
-    for name, rows_ in trial_info.items():
-        fold, lr, bs = rows_
-        ax = axes.flat[folds.index(fold)]
-        data = trial_rows.get(name, [])
-        if not data:
-            continue
-        color = colors[configs.index((lr, bs)) % len(colors)]
-        epochs = [r["epoch"] for r in data]
-        ax.plot(epochs, [100 * r["val_accuracy"] for r in data], color=color, marker="o", ms=3)
-        ax.plot(epochs, [100 * r["test_accuracy"] for r in data], color=color, ls="--", marker="x", ms=3)
-        ax.set_title(f"test fold {fold}", fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig, axes = _figure(3.6 + 0.16 * len(configs), nrows=2, sharex=True)
+    for ax, key, what in zip(axes, ("val_accuracy", "test_accuracy"), ("validation", "test")):
+        for k, config in enumerate(configs):
+            epochs, mean, std = _epoch_stats(trial_rows, trial_info, config, key)
+            if not epochs:
+                continue
+            color = PALETTE[k % len(PALETTE)]
+            ax.fill_between(epochs, mean - std, mean + std, facecolor=color, alpha=0.12, linewidth=0)
+            ax.fill_between(epochs, mean - std, mean + std, facecolor="none", edgecolor=color, alpha=0.5,
+                            hatch=HATCHES[k % len(HATCHES)], linewidth=0.7, linestyle=LINESTYLES[k % len(LINESTYLES)])
+            ax.plot(epochs, mean, color=color, marker="os^Dv<>p"[k % 8], ms=3, lw=1.2,
+                    label=config_label(*config) if ax is axes[0] else None)
+        ax.set_ylabel(f"{what} acc. (%)")
         ax.grid(alpha=0.3)
-    for r in range(rows):
-        axes[r, 0].set_ylabel("accuracy (%)", fontsize=8)
-    handles = [plt.Line2D([], [], color=colors[i % len(colors)], label=_config_label(*c)) for i, c in enumerate(configs)]
-    handles += [plt.Line2D([], [], color="gray", label="validation"), plt.Line2D([], [], color="gray", ls="--", label="test")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
-    fig.suptitle("Learning curves")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-    return _save(fig, out / "learning_curves.png")
+    axes[1].set_xlabel("epoch")
+    axes[1].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig.legend(loc="outside lower center", ncol=2 if len(configs) > 1 else 1, frameon=False, handlelength=1.5)
+    return fig
 
 
-def confusion_matrix(summary: dict[str, Any], out: Path) -> Path:
-    """Confusion matrix summed over folds (nested selection), with counts, rows = true class."""
-    plt = _pyplot()
-    m = np.asarray(summary["confusion_matrix"])
-    names = summary["classes"] or [str(i) for i in range(len(m))]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.55 * len(names)))
-    im = ax.imshow(m, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+def _short(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def confusion_matrix(summary: dict[str, Any]):
+    """Row-normalized confusion matrix (% of each true class), summed over folds; the counts are in the report."""
+    m = np.asarray(summary["confusion_matrix"], dtype=float)
+    names = [_short(n) for n in (summary["classes"] or [str(i) for i in range(len(m))])]
+    pct = 100 * m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig, ax = _figure(1.05 + 0.19 * len(names))
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    threshold = m.max() / 2 if m.size else 0
+    ax.spines[:].set_visible(False)
     for i in range(len(m)):
         for j in range(len(m)):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7, color="white" if m[i, j] > threshold else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_title("Confusion matrix, summed over test folds")
-    fig.tight_layout()
-    return _save(fig, out / "confusion_matrix.png")
+            if m[i, j]:
+                ax.text(j, i, f"{pct[i, j]:.0f}", ha="center", va="center", fontsize=FONT_PT,
+                        color="white" if pct[i, j] > 55 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="% of true class")
+    return fig
 
 
-def per_class_accuracy(summary: dict[str, Any], out: Path) -> Path:
-    """Horizontal bars of per-class test accuracy (nested selection, summed over folds)."""
-    plt = _pyplot()
+def per_class_accuracy(summary: dict[str, Any]):
+    """Horizontal bars of per-class test accuracy (nested selection, summed over folds), the overall mean dashed."""
     items = [(k, v) for k, v in summary["per_class_accuracy"].items() if v is not None]
-    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * len(items)))
-    names = [k for k, _ in items]
+    fig, ax = _figure(0.7 + 0.2 * len(items))
     vals = [100 * v for _, v in items]
-    ax.barh(range(len(items)), vals, color="tab:blue")
-    ax.set_yticks(range(len(items)), names, fontsize=8)
+    ax.barh(range(len(items)), vals, color=PALETTE[0], height=0.7)
+    ax.set_yticks(range(len(items)), [_short(k) for k, _ in items])
     ax.invert_yaxis()
     for i, v in enumerate(vals):
-        ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
-    ax.set_xlim(0, 110)
+        ax.text(v + 1.5, i, f"{v:.1f}", va="center")
+    ax.set_xlim(0, 115)
     ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("test accuracy (%)")
-    title = "Per-class accuracy"
     if summary["mean"] is not None:
-        ax.axvline(100 * summary["mean"], color="gray", ls="--", lw=1)
-        title += f" (dashed: overall nested mean, {100 * summary['mean']:.1f} %)"
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, out / "per_class_accuracy.png")
+        ax.axvline(100 * summary["mean"], color=PALETTE[1], ls="--", lw=1)
+    return fig
 
 
 def make_all(summary: dict[str, Any], trial_rows, trial_info, exp_dir: Path) -> dict[str, str]:
-    """Write every figure that has data into ``exp_dir/plots``; returns {name: path relative to exp_dir}."""
+    """Write every figure that has data into ``exp_dir/plots`` (PNG, SVG, PDF); returns {name: PNG path relative to
+    exp_dir}."""
     out = Path(exp_dir) / PLOTS_DIR
     out.mkdir(exist_ok=True)
     made = {}
     if summary["configs"]:
-        made["fold_accuracy"] = fold_accuracy(summary, out)
+        made["fold_accuracy"] = save(fold_accuracy(summary), out, "fold_accuracy")
     if trial_info:
-        made["learning_curves"] = learning_curves(trial_rows, trial_info, out)
+        made["learning_curves"] = save(learning_curves(trial_rows, trial_info), out, "learning_curves")
     if summary.get("confusion_matrix"):
-        made["confusion_matrix"] = confusion_matrix(summary, out)
+        made["confusion_matrix"] = save(confusion_matrix(summary), out, "confusion_matrix")
     if summary.get("per_class_accuracy"):
-        made["per_class_accuracy"] = per_class_accuracy(summary, out)
+        made["per_class_accuracy"] = save(per_class_accuracy(summary), out, "per_class_accuracy")
     return {k: str(Path(v).relative_to(exp_dir)) for k, v in made.items()}

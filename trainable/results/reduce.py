@@ -29,6 +29,7 @@ from ..store.experiment import (
     VAL_ACCURACY,
     WEIGHTS,
     expected_trials,
+    format_lr,
     parse_rows,
     trial_params,
     read_manifest,
@@ -171,7 +172,7 @@ def per_trial_csv(trials: Iterable[TrialHistory]) -> str:
     records = []
     for t in trials:
         for r in t.rows:
-            rec = {"trial": t.name, "test_fold": t.test_fold, "lr": t.lr, "batch_size": t.batch_size}
+            rec = {"trial": t.name, "test_fold": t.test_fold, "lr": format_lr(t.lr), "batch_size": t.batch_size}
             rec.update({k: v for k, v in r.items() if isinstance(v, (int, float, str)) and k != TEST_CONFUSION
                         and not isinstance(v, bool) and k not in ("config", "trial_id", "date", "hostname", "node_ip", "pid")})
             records.append(rec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..store.experiment import format_lr
 from .select import ALPHA
 
 
@@ -14,9 +15,16 @@ def fmt(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
 
 
-def fmt_ci(ci: list[float] | None) -> str:
-    """The headline's interval: corrected for overlapping training sets (Nadeau & Bengio)."""
-    return f"95 % CI {100 * ci[0]:.2f}-{100 * ci[1]:.2f} %, corrected" if ci else "95 % CI n/a (one fold)"
+def fmt_ci(ci: list[float] | None, corrected: bool = True) -> str:
+    """An accuracy interval as "95 % CI 21.30 to 34.80 %" (console and report), kept within [0, 100] % and saying which
+    bound was clipped; ``corrected``: the t-interval corrected for overlapping training sets (Nadeau & Bengio)."""
+    if not ci:
+        return "95 % CI n/a (one fold)"
+    lo, hi = 100 * ci[0], 100 * ci[1]
+    clipped = [f"the lower bound ({lo:.2f} %) clipped to 0 %"] if lo < 0 else []
+    clipped += [f"the upper bound ({hi:.2f} %) clipped to 100 %"] if hi > 100 else []
+    notes = (["corrected"] if corrected else []) + (["; ".join(clipped)] if clipped else [])
+    return f"95 % CI {max(lo, 0.0):.2f} to {min(hi, 100.0):.2f} %" + "".join(f", {n}" for n in notes)
 
 
 def comparison_verdict(s: dict[str, Any]) -> str | None:
@@ -30,7 +38,7 @@ def comparison_verdict(s: dict[str, Any]) -> str | None:
     different = [c for c in tested if c["p_value"] < ALPHA]
     if different:
         return (f"Significantly different from the chosen config (p < {ALPHA}): "
-                + ", ".join(f"lr {c['lr']:g}/batch {c['batch_size']} ({100 * c['mean_difference']:+.2f} points)"
+                + ", ".join(f"lr {format_lr(c['lr'])}/batch {c['batch_size']} ({100 * c['mean_difference']:+.2f} points)"
                             for c in different) + ".")
     k = min(c["folds"] for c in tested)
     caution = (f"low power: with {k} folds a difference of several points can go undetected" if k < 10 else
@@ -41,7 +49,7 @@ def comparison_verdict(s: dict[str, Any]) -> str | None:
 def _headline(s: dict[str, Any]) -> list[str]:
     n = len(s["per_fold"])
     plain = s.get("ci95_plain")
-    plain_text = f"; the plain t-interval, too narrow here, is {100 * plain[0]:.2f}-{100 * plain[1]:.2f} %" if plain else ""
+    plain_text = f"; the plain t-interval, too narrow here: {fmt_ci(plain, corrected=False)}" if plain else ""
     lines = [f"**Nested cross-validation test accuracy: {fmt(s['mean'], s['std'])} %** ({fmt_ci(s.get('ci95'))}; "
              f"mean ± sample std over {n} fold{'s' if n != 1 else ''}; the interval is the t-interval corrected for "
              f"the folds' overlapping training sets (Nadeau & Bengio 2003){plain_text}; on each fold the config and "
@@ -64,7 +72,7 @@ def _tables(s: dict[str, Any]) -> list[str]:
     lines = ["## Per fold (nested selection)", "", "| test fold | lr | batch | epoch | val acc % | test acc % |",
              "|---|---|---|---|---|---|"]
     for p in s["per_fold"]:
-        lines.append(f"| {p['fold']} | {p['lr']:g} | {p['batch_size']} | {p['epoch']} | {100 * p['val_accuracy']:.2f} | "
+        lines.append(f"| {p['fold']} | {format_lr(p['lr'])} | {p['batch_size']} | {p['epoch']} | {100 * p['val_accuracy']:.2f} | "
                      f"{100 * p['test_accuracy']:.2f} |")
     folds = sorted({int(f) for c in s["configs"] for f in c["test_accuracy"]})
     lines += ["", "## Every config (test accuracy % at each fold's best-validation epoch)", "",
@@ -73,7 +81,7 @@ def _tables(s: dict[str, Any]) -> list[str]:
     for c in s["configs"]:
         cells = [f"{100 * c['test_accuracy'][str(f)]:.2f}" if str(f) in c["test_accuracy"] else "–" for f in folds]
         mv = f"{100 * c['mean_val_accuracy']:.2f}" if c["mean_val_accuracy"] is not None else "n/a"
-        lines.append(f"| {c['lr']:g} | {c['batch_size']} | " + " | ".join(cells) + f" | {fmt(c['mean'], c['std'])} | {mv} |")
+        lines.append(f"| {format_lr(c['lr'])} | {c['batch_size']} | " + " | ".join(cells) + f" | {fmt(c['mean'], c['std'])} | {mv} |")
     return lines + [""]
 
 
@@ -81,7 +89,7 @@ def _choice(s: dict[str, Any]) -> list[str]:
     lines = []
     if s["best_config"]:
         b = s["best_config"]
-        lines.append(f"Best config by mean **validation** accuracy: lr {b['lr']:g}, batch {b['batch_size']} (its mean test "
+        lines.append(f"Best config by mean **validation** accuracy: lr {format_lr(b['lr'])}, batch {b['batch_size']} (its mean test "
                      f"accuracy, {fmt(b['mean'], b['std'])} %, is mildly optimistic: each validation fold is another "
                      f"round's test fold; quote the nested number above).")
         model = s.get("best_model") or {}
@@ -92,7 +100,7 @@ def _choice(s: dict[str, Any]) -> list[str]:
     if s["optimistic"]:
         o = s["optimistic"]
         lines.append(f"Optimistic (config chosen on mean **test** accuracy, as many papers do; biased upwards): "
-                     f"lr {o['lr']:g}, batch {o['batch_size']}: {fmt(o['mean'], o['std'])} %.")
+                     f"lr {format_lr(o['lr'])}, batch {o['batch_size']}: {fmt(o['mean'], o['std'])} %.")
     return lines
 
 
@@ -101,7 +109,7 @@ def _comparisons(s: dict[str, Any]) -> list[str]:
     if not comps or not s["best_config"]:
         return []
     b = s["best_config"]
-    lines = ["", f"## Configs compared with the best one (lr {b['lr']:g}, batch {b['batch_size']})", "",
+    lines = ["", f"## Configs compared with the best one (lr {format_lr(b['lr'])}, batch {b['batch_size']})", "",
              "Paired over folds with the corrected resampled t-test (Nadeau & Bengio 2003: the variance of the per-fold "
              "differences × (1/k + n_test/n_train), since the folds' training sets overlap); two-sided.", "",
              "| lr | batch | folds | mean difference (points) | t | p |", "|---|---|---|---|---|---|"]
@@ -109,7 +117,7 @@ def _comparisons(s: dict[str, Any]) -> list[str]:
         t = "n/a" if c["t"] is None else f"{c['t']:.2f}"
         p = "n/a" if c["p_value"] is None else f"{c['p_value']:.3f}"
         diff = "n/a" if c["mean_difference"] is None else f"{100 * c['mean_difference']:+.2f}"
-        lines.append(f"| {c['lr']:g} | {c['batch_size']} | {c['folds']} | {diff} | {t} | p = {p} |")
+        lines.append(f"| {format_lr(c['lr'])} | {c['batch_size']} | {c['folds']} | {diff} | {t} | p = {p} |")
     return lines + ["", f"**{comparison_verdict(s)}**"]
 
 
@@ -119,7 +127,7 @@ def _refit(s: dict[str, Any]) -> list[str]:
         return []
     return ["", "## Final model (refit on all folds)", "",
             f"`{s.get('final_model_dir')}`: trained on every fold in use ({', '.join(map(str, r['folds']))}) with lr "
-            f"{r['lr']:g}, batch {r['batch_size']}, for {r['epochs']} epochs (the median best epoch of that config). It "
+            f"{format_lr(r['lr'])}, batch {r['batch_size']}, for {r['epochs']} epochs (the median best epoch of that config). It "
             f"saw every clip, so it has no test accuracy of its own: the nested cross-validation figure above is the "
             f"estimate of how such a model does on unseen data."]
 
@@ -127,11 +135,15 @@ def _refit(s: dict[str, Any]) -> list[str]:
 def _details(s: dict[str, Any]) -> list[str]:
     lines = []
     if s.get("plots"):
+        from .plots import CAPTIONS
+
         titles = {"fold_accuracy": "Test accuracy per fold and config", "learning_curves": "Learning curves",
                   "confusion_matrix": "Confusion matrix", "per_class_accuracy": "Per-class accuracy"}
-        lines += ["", "## Figures", ""]
+        lines += ["", "## Figures", "", "Each figure is also in the same folder as vector graphics (`.svg`, `.pdf`), "
+                  "sized for one column of a paper.", ""]
         for key, rel in s["plots"].items():
-            lines += [f"### {titles.get(key, key)}", "", f"![{titles.get(key, key)}]({rel})", ""]
+            title = titles.get(key, key)
+            lines += [f"### {title}", "", f"![{title}]({rel})", "", f"*{CAPTIONS.get(key, title)}*", ""]
     if s["per_class_accuracy"]:
         lines += ["", "## Per class (nested selection, summed over folds)", "", "| class | accuracy % |", "|---|---|"]
         for name, acc in s["per_class_accuracy"].items():

@@ -36,6 +36,18 @@ PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "AS
                     SIMULATE_DISK_FULL_ENV, "ASTCV_TEST_HOLD_AFTER_EPOCH", "ASTCV_TEST_HOLD_MARK")
 
 
+# Ray's notice on every local start (RAY_AUTH_MODE unset): "Token authentication is enabled for this Ray cluster. Set
+# RAY_AUTH_MODE=disabled to opt out." The cluster is this run's own, its token made and read by Ray alone: nothing for
+# the user to do, so it is left out (unless --debug). Joining a cluster (--address) keeps Ray's auth messages.
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _TokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TOKEN_NOTICE)
+
+
 @contextmanager
 def driver_env(debug: bool) -> Iterator[None]:
     """Set DRIVER_ENV (and QUIET_ENV unless ``debug``) where the user has not, and quiet Ray's loggers, for the
@@ -44,12 +56,15 @@ def driver_env(debug: bool) -> Iterator[None]:
     added = {k: v for k, v in wanted.items() if k not in os.environ}
     os.environ.update(added)
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    notice = _TokenNotice()
     if not debug:
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        logging.getLogger(TOKEN_NOTICE_LOGGER).addFilter(notice)
     try:
         yield
     finally:
+        logging.getLogger(TOKEN_NOTICE_LOGGER).removeFilter(notice)
         for k in added:
             os.environ.pop(k, None)
         for name, level in levels.items():
