@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import orchestrate
 from trainable.errors import AstCvError
 from trainable.run.cluster import NodeProblem, Node, check_resume_address, nodes_of, settle_resources
 from trainable.run.plan import Resources
+from trainable.store.experiment import MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,14 +174,23 @@ def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_r
     out, err = capsys.readouterr()
     assert "1 CPU + 1 GPU each" in out, out
     lines = _error_lines(err)
-    assert len(lines) == 1 and "node 127.0.0.1 (id " in lines[0] and "sees no CUDA device" in lines[0], err
+    assert len(lines) == 1 and re.search(r"error: node \S+ \(id [0-9a-f]{8}\): Ray gave a trial GPU 0 but torch there "
+                                         r"sees no CUDA device", lines[0]), err
     assert "retrying" not in out + err
     assert not [t for t in (storage / "gpu").glob("fold*/result.json") if t.read_text().strip()]  # no epoch on CPU
 
     # 3. The experiment records its cluster: continuing it without --address is refused (not run on this machine).
-    manifest = json.loads((storage / "gpu" / "manifest.json").read_text())
+    manifest = json.loads((storage / "gpu" / MANIFEST).read_text())
     assert manifest["address"] == address
     assert orchestrate.main(["--storage-path", str(storage), "--name", "gpu", "--resume"]) == 2
     assert "pass --address again" in capsys.readouterr().err
+
+    # 4. On CPU (--gpus-per-trial 0) the grid completes, its two trials on the two worker nodes (the head has no CPU),
+    # running the code Ray shipped to them.
+    assert orchestrate.main(_args(demo_assets, storage, "cpu", "--address", address, "--gpus-per-trial", "0",
+                                  "--test-folds", "1", "2")) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for t in (storage / "cpu").glob("fold*/result.json") for line in t.read_text().splitlines()]
+    assert len({r["node_id"] for r in rows}) == 2 and {r["cuda_visible_devices"] for r in rows} == {""}
+    assert json.loads((storage / "cpu" / "summary.json").read_text())["complete"]
     if not hidden:
         pytest.skip("not root: the worker nodes could see the project folder, so code shipping was not isolated")
