@@ -98,7 +98,9 @@ def _cache_and_resources(cache, res) -> None:
     res.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
                      help="join an existing Ray cluster instead of starting one (e.g. 'auto' after 'ray start --head'; "
                      "default: $RAY_ADDRESS, which 'ray job submit' sets, else a Ray of this run's own on this machine, "
-                     "even where another Ray runs)")
+                     "even where another Ray runs). The code is shipped to the nodes; each needs the data and a local "
+                     "--model at the same path. Recorded in the experiment: continuing a cluster experiment needs "
+                     "--address again (refused without it, not run here)")
 
 
 def _results(out) -> None:
@@ -173,7 +175,8 @@ def record(plan, args) -> None:
     """Write the manifest of a new experiment, or record the grid's added test folds in an existing one."""
     if not plan.restore:
         write_manifest(plan.store, command=[sys.executable, *sys.argv], base_config=plan.trial_base, grid=plan.grid,
-                       classes=plan.classes, resources=plan.resources.as_ray(), skipped_clips=plan.skipped,
+                       classes=plan.classes, resources=plan.resources.as_ray(), address=plan.resources.address,
+                       skipped_clips=plan.skipped,
                        fold_sizes=plan.fold_sizes,
                        fsids_in_several_folds={str(k): v for k, v in plan.fsids_in_several_folds.items()})
     elif plan.new_test_folds:

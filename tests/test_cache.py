@@ -59,6 +59,21 @@ def test_same_settings_reuse_and_changes_rebuild(synth_root, tmp_path):
     assert not np.array_equal(changed.array()[i], first.array()[first.index[(fold, name)]])
 
 
+def test_copies_of_the_dataset_on_other_nodes_share_the_cache_key(synth_root, tmp_path):
+    from trainable.data.cache import cache_key
+
+    meta = load_metadata(synth_root)
+    copy = tmp_path / "node2" / "data"
+    shutil.copytree(synth_root, copy)
+    for wav in copy.rglob("*.wav"):
+        os.utime(wav, (1e9, 1e9))  # copied at another time: only the modification times differ
+    assert cache_key(copy, meta, 400) == cache_key(synth_root, meta, 400)
+    fold, name = int(meta["fold"][0]), meta["slice_file_name"][0]
+    with open(copy / "audio" / f"fold{fold}" / name, "ab") as fh:
+        fh.write(b"\0" * 2)  # a file of another size is another dataset
+    assert cache_key(copy, meta, 400) != cache_key(synth_root, meta, 400)
+
+
 def test_trials_starting_together_build_once(synth_root, tmp_path):
     script = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
               "from test_cache import _cache;"

@@ -319,27 +319,3 @@ def test_a_run_without_address_starts_a_ray_of_its_own_beside_a_running_one(demo
             ray.shutdown()
     finally:
         cluster.shutdown()
-
-
-@pytest.mark.slow
-def test_multi_node_cluster_spreads_trials_and_falls_back_to_cpu(demo_assets, tmp_path, capsys):
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, num_gpus=1)  # fake GPUs: Ray schedules on them, torch sees none
-        cluster.wait_for_nodes()
-        args = base_args(*demo_assets, tmp_path / "shared", "cluster", "--test-folds", "1", "2", "--epochs", "2")
-        i = args.index("--gpus")
-        del args[i : i + 2]
-        rc = orchestrate.main(args + ["--address", cluster.address, "--gpus-per-trial", "1", "--cpus-per-trial", "1"])
-        assert rc == 0, capsys.readouterr().err
-    finally:
-        cluster.shutdown()
-    exp = tmp_path / "shared" / "cluster"
-    rows = [r for d in exp.glob("fold*") for r in _rows(d)]
-    assert len({r["node_id"] for r in rows}) == 2  # the two trials ran on the two GPU nodes
-    assert all(r["cuda_visible_devices"] == "0" for r in rows)  # each trial got its own (fake) GPU
-    summary = json.loads((exp / "summary.json").read_text())
-    assert summary["complete"] and [p["fold"] for p in summary["per_fold"]] == [1, 2]

@@ -1,8 +1,9 @@
 """Feature cache: every clip's normalized fbank computed once per dataset + feature settings, stored as a float16
 memory-mapped array shared by all trials and folds.
 
-The cache key hashes the feature recipe (frame count included) and the file list (fold, name, size, mtime), so a
-changed setting or file makes a new cache. Building is parallel, shows a progress bar, and holds a file lock so
+The cache key hashes the feature recipe (frame count included) and the file list (fold, name, size; not the
+modification time, so copies of the dataset on several nodes share one cache), so a changed setting or a file
+added, removed or resized makes a new cache. Building is parallel, shows a progress bar, and holds a file lock so
 that trials starting together build it once.
 
     python -m trainable.data.cache --data-root DIR --cache-dir DIR --num-frames 400
@@ -38,16 +39,16 @@ INDEX = "index.json"
 STORE_DTYPE = np.float16  # half the bytes; |error| <= 2**-11 relative, ~1e-3 absolute on AST's normalized range
 
 
-def _file_list(root: Path, meta: pd.DataFrame) -> list[tuple[int, str, int, int]]:
+def _file_list(root: Path, meta: pd.DataFrame) -> list[tuple[int, str, int]]:
     out = []
     for fold, name in zip(meta["fold"], meta["slice_file_name"]):
-        st = audio_path(root, fold, name).stat()
-        out.append((int(fold), str(name), st.st_size, st.st_mtime_ns))
+        out.append((int(fold), str(name), audio_path(root, fold, name).stat().st_size))
     return sorted(out)
 
 
 def cache_key(root: str | Path, meta: pd.DataFrame, num_frames: int) -> str:
-    """Hash of the feature recipe, the frame count and the clip files (name, size, modification time)."""
+    """Hash of the feature recipe, the frame count and the clip files (fold, name, size): the same for a copy of the
+    dataset elsewhere (another node, a copy with new modification times)."""
     h = hashlib.sha256(recipe_fingerprint(num_frames, AUDIOSET_MEAN, AUDIOSET_STD).encode())
     h.update(json.dumps(_file_list(Path(root), meta)).encode())
     return h.hexdigest()[:20]

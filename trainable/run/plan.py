@@ -39,6 +39,8 @@ class Resources:
     gpus_per_trial: float
     num_gpus: float | None
     address: str | None
+    auto_gpus: bool = False  # --gpus-per-trial auto on a cluster: settled from its nodes (run.cluster.settle_resources)
+    auto_cpus: bool = False  # --cpus-per-trial left at its default
 
     def as_ray(self) -> dict[str, float]:
         return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
@@ -286,7 +288,8 @@ def plan_resources(args: argparse.Namespace, torch_gpus: int, cpu_count: int | N
         cpus = min(cpus, float(cpu_count or os.cpu_count() or 1))
     if cpus <= 0:
         raise AstCvError("--cpus-per-trial must be > 0.")
-    return Resources(cpus, gpus, num_gpus, args.address)
+    auto = args.address is not None and asked in (None, "auto")
+    return Resources(cpus, gpus, num_gpus, args.address, auto_gpus=auto, auto_cpus=args.cpus_per_trial is None)
 
 
 def cache_dir(args: argparse.Namespace) -> str:

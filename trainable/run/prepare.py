@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import AstCvError
 from ..store.experiment import EPOCH, parse_rows, read_manifest, trial_params
 from ..store.footprint import Footprint, Need, cache_bytes, check_space
+from .cluster import check_resume_address
 from .plan import (
     Plan,
     build_grid,
@@ -76,6 +77,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
     else:
         fixed, space_grid = split_space(space) if args.space else ({}, None)
         values, grid, added = continued_values(manifest, requested(fixed, demo, args), args, space_grid, exp_dir)
+        check_resume_address(manifest, args.address, exp_dir)
     resources = plan_resources(args, torch_gpus, gpu_memory_gib=gpu_memory_gib)
     model_dir = resolve_model(values["model"])  # an unreachable hub or a typo: one line now, not 3 failures per trial
     meta = load_metadata(values["data_root"], values["folds"])

@@ -16,6 +16,7 @@ from ..fit.checkpoint import pick_restore_point
 from ..config import TrainConfig
 from ..store.experiment import CUDA_VISIBLE_DEVICES, EPOCH, NODE_ID
 from ..store.storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
+from .cluster import require_cuda
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     placement = {NODE_ID: ray.get_runtime_context().get_node_id(),
                  CUDA_VISIBLE_DEVICES: os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-    if placement[CUDA_VISIBLE_DEVICES] and not torch.cuda.is_available():
-        log.warning("Ray assigned GPU(s) %s but torch sees no CUDA device: training on CPU", placement[CUDA_VISIBLE_DEVICES])
+    require_cuda(placement[CUDA_VISIBLE_DEVICES])  # a GPU given but no CUDA here: one line naming the node, no CPU run
     name = tune.get_context().get_trial_name() or ""
     trial_dir = join(exp_dir, name) if exp_dir else "the storage path"
 

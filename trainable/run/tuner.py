@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from ..fit.checkpoint import SIMULATE_DISK_FULL_ENV
 from ..errors import AstCvError
 from ..store.experiment import EPOCH, expected_trials, tensorboard_scalars, trial_dirname
+from .cluster import NodeProblem, code_env, on_cluster
 from .plan import GRID_KEYS, Plan
 from .progress import Progress, TrialView
 from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
@@ -147,6 +148,9 @@ def make_callback(plan: Plan, progress: Progress, board_name: str | None = None)
             full = StorageFull.from_error_text(text, str(local or plan.exp_dir))
             if full is not None:
                 raise full
+            node = NodeProblem.from_error_text(text)  # not transient: stop the run, retrying fails the same way
+            if node is not None:
+                raise node
             progress.trial_failed(trial_name(trial), last_error_line(text), trial.error_file or trial.local_path,
                                   views(trials), final)
 
@@ -216,10 +220,10 @@ def checkpoint_config(tune, keep: str):
 
 
 def ray_init_args(plan: Plan, debug: bool) -> dict[str, Any]:
-    project_root = str(Path(__file__).resolve().parents[2])
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", **{k: os.environ[k] for k in PASSED_TO_TRIALS if k in os.environ}}
-    init: dict[str, Any] = dict(log_to_driver=debug, runtime_env={"env_vars": env},
+    code = code_env(plan.resources.address)  # on a cluster the package is shipped, locally PYTHONPATH
+    env = {**code.pop("env_vars", {}), "TOKENIZERS_PARALLELISM": "false",
+           **{k: os.environ[k] for k in PASSED_TO_TRIALS if k in os.environ}}
+    init: dict[str, Any] = dict(log_to_driver=debug, runtime_env={"env_vars": env, **code},
                                 logging_level=logging.INFO if debug else logging.WARNING)
     if plan.resources.address:
         init["address"] = plan.resources.address
@@ -253,7 +257,7 @@ def fit(tuner, plan: Plan) -> None:
     except (pickle.UnpicklingError, EOFError):
         pass  # Tune's result grid could not read a damaged error file; the callback counted the trials
     except Exception as exc:
-        ours = next((e for e in exception_chain(exc) if isinstance(e, StorageFull)), None)
+        ours = next((e for e in exception_chain(exc) if isinstance(e, (StorageFull, NodeProblem))), None)
         if ours is not None:  # raised by the callback (Tune may wrap it)
             raise ours from None
         if is_disk_full(exc):
@@ -296,6 +300,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             raise AstCvError(f"Cannot connect to the Ray cluster at --address {plan.resources.address}: "
                              f"{str(exc).splitlines()[0].rstrip('.')}. Start it with 'ray start --head' or leave --address out.") from None
         try:
+            plan = on_cluster(plan)  # the trials' resources from the cluster's nodes; refused when none fits
             board = f"astcv-progress-{uuid.uuid4().hex[:8]}"
             board_actor = progress_board(board)  # held for the run: an actor without a handle is stopped
             trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir,
