@@ -5,18 +5,28 @@ With loader workers (persistent, as trials run) and dropout: the data order, the
 all have to be functions of (seed, epoch) for this to hold (``trainable.fit.rng``).
 """
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from trainable.config import TrainConfig
 from trainable.fit.model import build_tiny_ast
+from trainable.fit.oom import SIMULATE_OOM_ENV
 from trainable.fit.train import fit
 from trainable.store.experiment import EPOCH
 
-COMPARED = ("train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "best_epoch", "micro_batch_size")
+COMPARED = ("train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy", "best_epoch", "micro_batch_size",
+            "oom_fallbacks")
 TOL = 1e-6
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Interrupt(Exception):
@@ -72,11 +82,14 @@ def assert_same_epochs(resumed, full):
 
 
 @pytest.mark.slow  # five short fits with loader workers: ~10-20 s on 2 shared cores
-def test_resumed_fit_equals_uninterrupted_at_a_boundary_and_mid_epoch(synth_root, tiny_dropout_model, tmp_path):
+def test_resumed_fit_equals_uninterrupted_at_a_boundary_and_mid_epoch(synth_root, tiny_dropout_model, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv(SIMULATE_OOM_ENV, "2")  # the micro-batch controller halves 4 -> 2 in epoch 1 and must stay so
     config = exact_config(synth_root, tiny_dropout_model)
     full = Recorder()
     fit(config, full)
     assert len({r["train_loss"] for r in full.rows}) == 3  # it trains (the comparison is not of constants)
+    assert [(r["micro_batch_size"], r["oom_fallbacks"]) for r in full.rows] == [(2, 1)] * 3
 
     at_boundary = Recorder(tmp_path / "boundary", stop_after=1)
     with pytest.raises(Interrupt):
@@ -94,3 +107,114 @@ def test_resumed_fit_equals_uninterrupted_at_a_boundary_and_mid_epoch(synth_root
         resumed = Recorder()
         fit(config, resumed, restore_dir=part.keep_dir)
         assert_same_epochs(part.rows + resumed.rows, full.rows)
+
+
+# ---------------------------------------------------------------- under Ray, killed with SIGKILL
+
+# Test-only startup hook for the run's Python processes (on PYTHONPATH as sitecustomize): once the AST model code is
+# imported, a global forward hook (torch's own) counts training forward passes; at the Nth it writes a marker file and
+# freezes the process, so the test's SIGKILL lands at a known step, mid-epoch.
+FREEZE_HOOK = '''
+import os, sys, threading, time
+AT, MARK = int(os.environ["ASTCV_TEST_FREEZE_AT"]), os.environ["ASTCV_TEST_FREEZE_MARK"]
+AST = "transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer"
+
+def _arm():
+    while AST not in sys.modules:
+        time.sleep(0.02)
+    import torch
+    calls = []
+
+    def hook(module, args, output):
+        if module.training and type(module).__name__ == "ASTForAudioClassification":
+            calls.append(1)
+            if len(calls) == AT:
+                open(MARK, "w").write(str(os.getpid()))
+                while True:
+                    time.sleep(1)
+
+    torch.nn.modules.module.register_module_forward_hook(hook)
+
+threading.Thread(target=_arm, daemon=True).start()
+'''
+
+
+def orchestrate_args(demo_assets, storage, steps):
+    data_root, model = demo_assets
+    return ["--data-root", str(data_root), "--model", str(model), "--folds", "1", "2", "3", "4", "--test-folds", "1",
+            "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "3", "--max-steps-per-epoch", str(steps),
+            "--num-frames", "400", "--num-workers", "2", "--gpus", "0", "--storage-path", str(storage), "--name", "exp"]
+
+
+def start_run(args, log, env):
+    return subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=env, stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # its own process group, killed whole
+
+
+def wait_for(predicate, proc, log, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := predicate():
+            return value
+        assert proc.poll() is None, Path(log).read_text()[-5000:]
+        time.sleep(0.1)
+    pytest.fail("timed out:\n" + Path(log).read_text()[-5000:])
+
+
+def kill_group(proc):
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started, as a crashed runtime
+    proc.wait()
+
+
+def epoch_rows(exp: Path) -> dict[str, dict[int, dict]]:
+    """Each trial's rows by epoch (a resumed trial's result.json holds the redone epochs again: the last one counts)."""
+    out = {}
+    for result in exp.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        out[result.parent.name] = {r[EPOCH]: r for r in rows}
+    return out
+
+
+@pytest.mark.slow
+def test_ray_trial_killed_mid_epoch_and_at_a_boundary_resumes_exactly(demo_assets, tmp_path):
+    steps = 3
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run([sys.executable, "orchestrate.py", *orchestrate_args(demo_assets, reference, steps)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    storage, log = tmp_path / "killed", tmp_path / "killed.log"
+    args = orchestrate_args(demo_assets, storage, steps)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(FREEZE_HOOK)
+    mark = tmp_path / "frozen"
+    frozen = {**env, "PYTHONPATH": os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]),
+              "ASTCV_TEST_FREEZE_AT": str(steps + 2), "ASTCV_TEST_FREEZE_MARK": str(mark)}
+    proc = start_run(args, log, frozen)  # 1: killed mid-epoch 2 (after its second step)
+    try:
+        wait_for(mark.is_file, proc, log)
+    finally:
+        kill_group(proc)
+    assert {e for t in epoch_rows(storage / "exp").values() for e in t} == {1}
+
+    proc = start_run(args + ["--resume"], log, env)  # 2: killed at the boundary after epoch 2
+    try:
+        wait_for(lambda: any(2 in t for t in epoch_rows(storage / "exp").values()), proc, log)
+    finally:
+        kill_group(proc)
+
+    finish = subprocess.run([sys.executable, "orchestrate.py", *args, "--resume"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=400)  # 3: finishes
+    assert finish.returncode == 0, finish.stdout[-3000:] + finish.stderr[-3000:]
+
+    expected, got = epoch_rows(reference / "exp"), epoch_rows(storage / "exp")
+    assert got.keys() == expected.keys() and len(got) == 1
+    for trial, rows in expected.items():
+        assert sorted(got[trial]) == sorted(rows) == [1, 2, 3]
+        assert_same_epochs([got[trial][e] for e in (1, 2, 3)], [rows[e] for e in (1, 2, 3)])
+    a, b = (json.loads((s / "exp" / "summary.json").read_text()) for s in (reference, storage))
+    assert b["complete"]
+    for key in ("per_fold", "confusion_matrix"):
+        assert b[key] == pytest.approx(a[key], abs=TOL), key

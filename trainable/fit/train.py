@@ -230,6 +230,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         state, best = restore(restore_dir, model, optimizer, scaler)
         laps.lap("restore")
     micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
+    micro.fallbacks = state.oom_fallbacks
     log.info("fold %d (val %s): %d train / %d val / %d test clips on %s%s", config.test_fold, config.val_fold or "auto",
              len(data.train), len(data.val), len(data.test), device, f" with {dtype} autocast" if dtype else "")
     order = EpochShuffle(len(data.train), trial_seed(config))
@@ -254,7 +255,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
         metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
-        state.epoch, state.micro_batch_size = epoch, micro.size
+        state.epoch, state.micro_batch_size, state.oom_fallbacks = epoch, micro.size, micro.fallbacks
         state.history.append(metrics)
         log.info("epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)", epoch,
                  config.epochs, train_loss, val[1], test[1], metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps)
