@@ -40,6 +40,7 @@ class TrainerState:
 
     epoch: int = 0  # epochs completed
     micro_batch_size: int = 0  # samples per forward pass (shrinks on CUDA out-of-memory)
+    oom_fallbacks: int = 0  # halvings of the micro-batch so far (reported; a resumed trial counts on from here)
     best_epoch: int = 0
     best_val_accuracy: float = -1.0
     best_test_accuracy: float = -1.0

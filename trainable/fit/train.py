@@ -45,6 +45,7 @@ from ..store.experiment import (
     selection_score,
 )
 from .oom import MicroBatch
+from .rng import EpochShuffle, start_epoch, worker_generator
 from .steps import EpochWatch, compile_model, evaluate, train_one_epoch
 from ..store.storage import temp_dir
 
@@ -149,10 +150,11 @@ def make_loader(config: TrainConfig, dataset: Dataset, device: torch.device, **k
     """Batches of the configured (effective) size; pinned memory when training on a GPU; worker processes started
     once per trial, not at every epoch of every loader (on CPU-2: the first batch 40 ms respawned, 5 ms kept). From the
     feature cache one worker reads 12,000 clips/s (BENCHMARKS.md), 20x an H200's training step, so the default
-    prefetch keeps up."""
+    prefetch keeps up. Each loader has its own generator (``trainable.fit.rng.worker_generator``): iterating one
+    never draws from the global RNG."""
     workers = dict(persistent_workers=True) if config.num_workers > 0 else {}
     return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
-                      pin_memory=device.type == "cuda", **workers, **kw)
+                      pin_memory=device.type == "cuda", generator=worker_generator(trial_seed(config)), **workers, **kw)
 
 
 Reporter = Callable[[dict[str, Any], Path], None]
@@ -228,10 +230,11 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         state, best = restore(restore_dir, model, optimizer, scaler)
         laps.lap("restore")
     micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
+    micro.fallbacks = state.oom_fallbacks
     log.info("fold %d (val %s): %d train / %d val / %d test clips on %s%s", config.test_fold, config.val_fold or "auto",
              len(data.train), len(data.val), len(data.test), device, f" with {dtype} autocast" if dtype else "")
-    generator = torch.Generator()
-    train_loader = make_loader(config, data.train, device, shuffle=True, generator=generator)
+    order = EpochShuffle(len(data.train), trial_seed(config))
+    train_loader = make_loader(config, data.train, device, sampler=order)
     val_loader, test_loader = make_loader(config, data.val, device), make_loader(config, data.test, device)
     laps.lap("loaders")
     setup_seconds = time.perf_counter() - started
@@ -239,7 +242,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         epoch_start = time.perf_counter()
-        generator.manual_seed(trial_seed(config) * 100 + epoch)  # same shuffle whether resumed or not
+        start_epoch(trial_seed(config), epoch, order)  # data order and RNGs: the same whether resumed or not
         steps = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
         watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress)
         train_loss, seen, seconds = train_one_epoch(net, train_loader, optimizer, scaler, device, dtype, micro, watch,
@@ -252,7 +255,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
         metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
-        state.epoch, state.micro_batch_size = epoch, micro.size
+        state.epoch, state.micro_batch_size, state.oom_fallbacks = epoch, micro.size, micro.fallbacks
         state.history.append(metrics)
         log.info("epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)", epoch,
                  config.epochs, train_loss, val[1], test[1], metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps)
@@ -277,10 +280,10 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
     dataset = make(meta)
     device, dtype, model, net, optimizer, scaler = training_objects(config, classes)
     micro = MicroBatch.start(config.batch_size, optimizer)
-    generator = torch.Generator()
-    loader = make_loader(config, dataset, device, shuffle=True, generator=generator)
+    order = EpochShuffle(len(dataset), trial_seed(config))
+    loader = make_loader(config, dataset, device, sampler=order)
     for epoch in range(1, epochs + 1):
-        generator.manual_seed(trial_seed(config) * 100 + epoch)
+        start_epoch(trial_seed(config), epoch, order)
         loss, seen, seconds = train_one_epoch(net, loader, optimizer, scaler, device, dtype, micro, pad_to=pad_to(config))
         log.info("refit epoch %d/%d on all %d clips: train_loss %.4f (%.1f samples/s)", epoch, epochs, seen, loss, seen / max(seconds, 1e-9))
     return export_model(model.cpu(), out_dir, config.num_frames)
