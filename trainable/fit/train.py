@@ -45,6 +45,7 @@ from ..store.experiment import (
     selection_score,
 )
 from .oom import MicroBatch
+from .recipe import TrialRecipe, make_optimizer
 from .steps import EpochWatch, compile_model, evaluate, train_one_epoch
 from ..store.storage import temp_dir
 
@@ -134,8 +135,7 @@ def training_objects(config: TrainConfig, classes: Sequence[str]):
     device = resolve_device(config)
     dtype = amp_dtype(config, device)
     model = load_model(config.model, classes, config.num_frames).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=True if device.type == "cuda" else None)
+    optimizer = make_optimizer(config, model.parameters(), fused=True if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     return device, dtype, model, compile_model(model, config.compile), optimizer, scaler
 
@@ -158,9 +158,10 @@ def make_loader(config: TrainConfig, dataset: Dataset, device: torch.device, **k
 Reporter = Callable[[dict[str, Any], Path], None]
 
 
-def restore(restore_dir: str | Path, model, optimizer, scaler) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
-    """(trainer state, best weights so far) from a checkpoint, the model, optimizer and scaler restored in place."""
-    state = load_checkpoint(restore_dir, model, optimizer, scaler)
+def restore(restore_dir: str | Path, model, optimizer, scaler,
+            recipe: TrialRecipe | None = None) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
+    """(trainer state, best weights so far) from a checkpoint, the model, optimizer, scaler and recipe restored in place."""
+    state = load_checkpoint(restore_dir, model, optimizer, scaler, recipe)
     best = load_best_weights(restore_dir, model)
     if best is None and state.best_epoch == state.epoch and not state.finished:  # a checkpoint without best/
         best = snapshot_weights(model)
@@ -224,8 +225,9 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     laps.lap("model")
     state = TrainerState(micro_batch_size=config.batch_size, config=config.to_dict())
     best = None  # the best epoch's weights so far (float16, CPU)
+    recipe = TrialRecipe(config, optimizer, len(data.train), len(data.classes), trial_seed(config))
     if restore_dir is not None:
-        state, best = restore(restore_dir, model, optimizer, scaler)
+        state, best = restore(restore_dir, model, optimizer, scaler, recipe)
         laps.lap("restore")
     micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
     log.info("fold %d (val %s): %d train / %d val / %d test clips on %s%s", config.test_fold, config.val_fold or "auto",
@@ -243,7 +245,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         steps = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
         watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress)
         train_loss, seen, seconds = train_one_epoch(net, train_loader, optimizer, scaler, device, dtype, micro, watch,
-                                                    config.max_steps_per_epoch, pad)
+                                                    config.max_steps_per_epoch, pad, recipe.augment(epoch), recipe.scheduler)
         if STARTUP_FIRST_STEP not in laps.times and watch.first_step_s is not None:
             laps.times[STARTUP_FIRST_STEP] = round(watch.first_step_s, 4)
         val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad, watch, "validation")
@@ -252,13 +254,16 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
         metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
+        metrics.update(recipe.end_epoch(epoch, model, lambda: (
+            evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad, watch, "validation"),
+            evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad, watch, "test"))))
         state.epoch, state.micro_batch_size = epoch, micro.size
         state.history.append(metrics)
         log.info("epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)", epoch,
                  config.epochs, train_loss, val[1], test[1], metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps)
         resumable = epoch < config.epochs or config.keep_checkpoints == "all"
         with temp_dir("ckpt") as tmp:
-            save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames, best, resumable)
+            save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames, best, resumable, recipe)
             metrics.update({EPOCH_SECONDS: time.perf_counter() - epoch_start, SETUP_SECONDS: setup_seconds,
                             STARTUP: laps.times})
             report(metrics, Path(tmp))
@@ -279,9 +284,11 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
     micro = MicroBatch.start(config.batch_size, optimizer)
     generator = torch.Generator()
     loader = make_loader(config, dataset, device, shuffle=True, generator=generator)
+    recipe = TrialRecipe(config, optimizer, len(dataset), len(classes), trial_seed(config))
     for epoch in range(1, epochs + 1):
         generator.manual_seed(trial_seed(config) * 100 + epoch)
-        loss, seen, seconds = train_one_epoch(net, loader, optimizer, scaler, device, dtype, micro, pad_to=pad_to(config))
+        loss, seen, seconds = train_one_epoch(net, loader, optimizer, scaler, device, dtype, micro, pad_to=pad_to(config),
+                                              augment=recipe.augment(epoch), scheduler=recipe.scheduler)
         log.info("refit epoch %d/%d on all %d clips: train_loss %.4f (%.1f samples/s)", epoch, epochs, seen, loss, seen / max(seconds, 1e-9))
     return export_model(model.cpu(), out_dir, config.num_frames)
 
