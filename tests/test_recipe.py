@@ -160,7 +160,8 @@ def test_resumed_trial_with_the_recipe_equals_an_uninterrupted_one_and_exports_t
     masks, evaluation batches never do."""
     config = TrainConfig.from_dict(dict(
         data_root=str(synth_root), model=str(tiny_dropout), folds=(1, 2, 3, 4), test_fold=2, lr=1e-3, batch_size=8,
-        epochs=2, num_frames=400, num_workers=0, keep_checkpoints="all", freqm=24, timem=96, mixup=0.5,
+        epochs=2, num_frames=128, num_workers=0, keep_checkpoints="all", freqm=24, timem=96, mixup=0.5,
+        feature_cache=str(tmp_path / "cache"), torch_threads=1,
         optimizer="adam", betas=(0.95, 0.999), weight_decay=5e-7, lr_schedule="step", lr_decay_start=1,
         lr_decay_factor=0.5, wa_start=1, wa_end=2, max_steps_per_epoch=3))
     weights = {}
@@ -225,3 +226,35 @@ def tiny_dropout(tmp_path_factory):
     from trainable.fit.model import build_tiny_ast
 
     return build_tiny_ast(tmp_path_factory.mktemp("tiny-dropout"), max_length=400, dropout=0.1)
+
+
+@pytest.mark.slow
+def test_ast_official_space_runs_end_to_end_and_shows_the_recipe(demo_assets, tmp_path, capsys):
+    """The demo with --space ast-official (one test fold, two epochs, the first decay after epoch 1 so the schedule
+    shows): the manifest and each trial's config hold the recipe, the report lists it, TensorBoard's train/lr steps."""
+    import orchestrate
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainable.store.experiment import MANIFEST
+
+    data_root, model = demo_assets
+    rc = orchestrate.main(["--data-root", str(data_root), "--model", str(model), "--folds", "1", "2", "3", "4",
+                           "--test-folds", "1", "--epochs", "2", "--lr-decay-start", "1", "--num-frames", "400",
+                           "--num-workers", "0", "--gpus", "0", "--storage-path", str(tmp_path), "--name", "official",
+                           "--space", "ast-official"])
+    assert rc == 0, capsys.readouterr()
+    exp = tmp_path / "official"
+    base = json.loads((exp / MANIFEST).read_text())["base_config"]
+    want = {"optimizer": "adam", "betas": [0.95, 0.999], "weight_decay": 5e-7, "lr_schedule": "step", "freqm": 24,
+            "timem": 96, "mixup": 0.0, "lr_decay_factor": 0.85, "lr_decay_start": 1}
+    assert {k: base[k] for k in want} == want
+    [trial] = [p for p in exp.iterdir() if p.is_dir() and p.name.startswith("fold01")]
+    assert "bs48" in trial.name and "lr1e-05" in trial.name
+    first = json.loads((trial / "result.json").read_text().splitlines()[0])
+    assert {k: first["config"][k] for k in want} == want
+    report = (exp / "report.md").read_text()
+    assert "## Training recipe" in report and "SpecAugment freqm 24 timem 96" in report and "x0.85 every 1 from epoch 1" in report
+    events = EventAccumulator(str(trial))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.85e-5)  # epoch 2 after the first decay

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -205,6 +206,12 @@ class Laps:
         self._last = now
 
 
+def evaluate_splits(net, loaders, device, dtype, micro: MicroBatch, num_classes: int, pad, watch):
+    """(validation, test) results of ``evaluate`` over the two loaders."""
+    return tuple(evaluate(net, loader, device, dtype, micro, num_classes, pad, watch, phase)
+                 for loader, phase in zip(loaders, ("validation", "test")))
+
+
 def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None, startup: dict[str, Any] | None = None) -> TrainerState:
     """Train for ``config.epochs`` epochs, calling ``report(metrics, checkpoint_dir)`` after each.
@@ -224,8 +231,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     device, dtype, model, net, optimizer, scaler = training_objects(config, data.classes)
     laps.lap("model")
     state = TrainerState(micro_batch_size=config.batch_size, config=config.to_dict())
-    best = None  # the best epoch's weights so far (float16, CPU)
-    recipe = TrialRecipe(config, optimizer, len(data.train), len(data.classes), trial_seed(config))
+    best, recipe = None, TrialRecipe(config, optimizer, len(data.train), len(data.classes), trial_seed(config))  # best epoch's weights (float16, CPU)
     if restore_dir is not None:
         state, best = restore(restore_dir, model, optimizer, scaler, recipe)
         laps.lap("restore")
@@ -248,15 +254,13 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
                                                     config.max_steps_per_epoch, pad, recipe.augment(epoch), recipe.scheduler)
         if STARTUP_FIRST_STEP not in laps.times and watch.first_step_s is not None:
             laps.times[STARTUP_FIRST_STEP] = round(watch.first_step_s, 4)
-        val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad, watch, "validation")
-        test = evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad, watch, "test")
+        evaluate_both = partial(evaluate_splits, net, (val_loader, test_loader), device, dtype, micro, len(data.classes), pad, watch)
+        val, test = evaluate_both()
         if selection_score(val[1], epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
         metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
-        metrics.update(recipe.end_epoch(epoch, model, lambda: (
-            evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad, watch, "validation"),
-            evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad, watch, "test"))))
+        metrics.update(recipe.end_epoch(epoch, model, evaluate_both))  # weight averaging (trainable.fit.recipe)
         state.epoch, state.micro_batch_size = epoch, micro.size
         state.history.append(metrics)
         log.info("epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)", epoch,
