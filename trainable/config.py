@@ -16,6 +16,8 @@ AMP_MODES = ("auto", "off", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 KEEP_CHECKPOINTS = ("best", "all")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+OPTIMIZERS = ("adamw", "adam")
+LR_SCHEDULES = ("constant", "step", "cosine")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -27,7 +29,8 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 # Smallest allowed value of each numeric setting (num_frames: one 16-frame AST patch).
 _LOWER_BOUNDS = {"batch_size": 1, "epochs": 1, "weight_decay": 0, "num_frames": 16, "torch_threads": 0, "num_workers": 0,
-                 "max_steps_per_epoch": 0}
+                 "max_steps_per_epoch": 0, "freqm": 0, "timem": 0, "mixup": 0, "warmup_steps": 0, "lr_decay_start": 0,
+                 "lr_decay_step": 1, "lr_decay_factor": 0, "wa_start": 0, "wa_end": 0}
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,12 @@ class TrainConfig:
     test_fold: int = _opt(1, "the held-out fold whose accuracy this run reports", orchestrator="a grid dimension")
     val_fold: int | None = _opt(None, "fold used to pick the best epoch (default: the fold before the test fold)",
                                 orchestrator="always the fold before the test fold")
-    lr: float = _opt(5e-5, "AdamW learning rate (small, so the pretrained weights are not destroyed)",
+    lr: float = _opt(5e-5, "peak learning rate (small, so the pretrained weights are not destroyed)",
                      orchestrator="a grid dimension (--lrs)")
     batch_size: int = _opt(8, "effective batch size per optimizer step (kept under the OOM fallback)",
                            orchestrator="a grid dimension (--batch-sizes)")
     epochs: int = _opt(5, "training epochs; fine-tuning converges in 5-10")
-    weight_decay: float = _opt(0.01, "AdamW weight decay (torch's default)")
+    weight_decay: float = _opt(0.01, "the optimizer's weight decay (AdamW: torch's default 0.01; official AST recipe: 5e-7)")
     num_frames: int = _opt(1024, "fbank frames per clip: 'auto' fits every clip but outliers, which are cut and named (400 "
                            "for UrbanSound8K's 4 s clips, as the official AST recipe fits ESC-50's 5 s in 512); 1024 = "
                            "10.24 s, as pretrained", cli_default="auto")
@@ -68,6 +71,26 @@ class TrainConfig:
                                  "epoch's weights, a finished one only those weights in float16 (about 0.17 GB for AST-base); "
                                  "all: every epoch's full checkpoint with optimizer state (about 1 GB each for AST-base)",
                                  choices=KEEP_CHECKPOINTS)
+    # The official AST fine-tuning recipe's options (trainable/fit/augment.py, trainable/fit/recipe.py).
+    optimizer: str = _opt("adamw", "adamw or adam (the official AST recipe: adam, --betas 0.95 0.999, --weight-decay 5e-7)",
+                          choices=OPTIMIZERS)
+    betas: tuple[float, ...] = _opt((0.9, 0.999), "the optimizer's two betas (official AST recipe: 0.95 0.999)")
+    lr_schedule: str = _opt("constant", "lr per optimizer step: constant; step (official: warmup, then x--lr-decay-factor "
+                            "every --lr-decay-step epochs after epoch --lr-decay-start); cosine (linear warmup, then a half "
+                            "cosine to 0)", choices=LR_SCHEDULES)
+    warmup_steps: int = _opt(0, "optimizer steps of lr warmup (0 = none; the official AudioSet recipe: 1000, ESC-50: none)")
+    lr_decay_start: int = _opt(5, "--lr-schedule step: the first decay comes at the end of this epoch (official ESC-50: 5)")
+    lr_decay_step: int = _opt(1, "--lr-schedule step: decay every this many epochs (official ESC-50: 1)")
+    lr_decay_factor: float = _opt(0.85, "--lr-schedule step: multiply the lr by this at each decay (official ESC-50: 0.85)")
+    freqm: int = _opt(0, "SpecAugment: one frequency mask per training clip, width uniform over 0..freqm-1 bins "
+                      "(0 = off; official ESC-50: 24); never at evaluation")
+    timem: int = _opt(0, "SpecAugment: one time mask per training clip, width uniform over 0..timem-1 frames "
+                      "(0 = off; official ESC-50: 96); never at evaluation")
+    mixup: float = _opt(0.0, "probability that a training clip is mixed with another of its batch, lambda ~ Beta(10, 10), "
+                        "loss on the soft targets (0 = off; official ESC-50: 0, AudioSet: 0.5)")
+    wa_start: int = _opt(0, "weight averaging: first epoch whose end-of-epoch weights are averaged (0 = off); the "
+                         "average is evaluated and saved as its own model (averaged/)")
+    wa_end: int = _opt(0, "weight averaging: last epoch averaged (at most --epochs)")
     skip_clips: tuple[str, ...] = _opt((), "clips left out as unreadable, e.g. fold3/123-4-0-0.wav (found by the pre-run check)",
                                        orchestrator="found by the orchestrator's pre-run check")
 
@@ -94,6 +117,7 @@ class TrainConfig:
         bad_clips = [c for c in self.skip_clips if c.count("/") != 1 or ".." in c]
         if bad_clips:
             problems.append(f"skip_clips entries must look like fold<N>/<file name> (got {bad_clips[:3]})")
+        problems += self._recipe_problems()
         if self.amp not in AMP_MODES:
             problems.append(f"amp must be one of {AMP_MODES} (got {self.amp!r})")
         if self.compile not in COMPILE_MODES:
@@ -104,6 +128,21 @@ class TrainConfig:
             problems.append(f"device must be one of {DEVICES} (got {self.device!r})")
         if problems:
             raise AstCvError("Invalid training config: " + "; ".join(problems) + ".")
+
+    def _recipe_problems(self) -> list[str]:
+        problems = []
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES} (got {self.lr_schedule!r})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1) (got {list(self.betas)})")
+        if self.mixup > 1:
+            problems.append(f"mixup is a probability, at most 1 (got {self.mixup})")
+        if self.wa_start and not self.wa_start <= self.wa_end <= self.epochs:
+            problems.append(f"weight averaging needs wa_start <= wa_end <= epochs (got {self.wa_start}, {self.wa_end}, "
+                            f"{self.epochs})")
+        return problems
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -214,3 +253,21 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
     values.update(overrides)
     return TrainConfig.from_dict(values)
+
+
+def recipe_summary(config: Mapping[str, Any]) -> str:
+    """One line naming the training recipe (for the report's config table); ``config`` is a mapping."""
+    get = config.get
+    parts = [f"{get('optimizer', 'adamw')} wd {get('weight_decay', 0.01):g} betas {tuple(get('betas', (0.9, 0.999)))}",
+             f"lr {get('lr_schedule', 'constant')}"]
+    if get("lr_schedule") == "step":
+        parts[-1] += f" x{get('lr_decay_factor')} every {get('lr_decay_step')} from epoch {get('lr_decay_start')}"
+    if get("warmup_steps"):
+        parts.append(f"warmup {get('warmup_steps')} steps")
+    if get("freqm") or get("timem"):
+        parts.append(f"SpecAugment freqm {get('freqm')} timem {get('timem')}")
+    if get("mixup"):
+        parts.append(f"mixup {get('mixup')}")
+    if get("wa_start"):
+        parts.append(f"weight averaging epochs {get('wa_start')}-{get('wa_end')}")
+    return ", ".join(parts)

@@ -28,6 +28,8 @@ import torch
 from ..store.experiment import BEST_DIR, BEST_INFO, TRAINER_STATE, TRAINING_STATE, WEIGHTS
 from .model import export_model
 
+AVERAGED_DIR = "averaged"  # the weight-averaged model (trainable.fit.recipe), beside best/
+
 log = logging.getLogger(__name__)
 
 BEST_DTYPE = torch.float16  # finished trials' weights: half the bytes; the export upcasts to float32
@@ -59,8 +61,10 @@ def snapshot_weights(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: str | Path, model, optimizer, scaler, state: TrainerState, num_frames: int,
-                    best: dict[str, torch.Tensor] | None, resumable: bool = True) -> Path:
+                    best: dict[str, torch.Tensor] | None, resumable: bool = True, recipe=None) -> Path:
     """Write ``state``, the resume point (when ``resumable``) and ``best/`` (from the ``best`` weights) into ``out_dir``.
+    ``recipe`` (``trainable.fit.recipe.TrialRecipe``): its scheduler and weight average go into the resume point, its
+    averaged model (once complete) into ``averaged/``.
 
     ``ASTCV_SIMULATE_DISK_FULL_AT_EPOCH=N`` makes epoch N's write fail as a full disk does (a rehearsal).
     """
@@ -76,6 +80,7 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scaler, state: Traine
                 "scaler": scaler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                **({"recipe": recipe.state_dict()} if recipe is not None else {}),
             },
             out / TRAINING_STATE,
         )
@@ -83,6 +88,9 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scaler, state: Traine
         export_model(model, out / BEST_DIR, num_frames, state_dict=best)
         (out / BEST_DIR / BEST_INFO).write_text(json.dumps({"epoch": state.best_epoch, "dtype": str(BEST_DTYPE).split(".")[-1],
                                                             "val_accuracy": state.best_val_accuracy}))
+    averaged = recipe.averaged if recipe is not None else None
+    if averaged is not None:
+        export_model(model, out / AVERAGED_DIR, num_frames, state_dict=averaged)
     (out / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
     return out
 
@@ -106,7 +114,7 @@ def load_best_weights(ckpt_dir: str | Path, model) -> dict[str, torch.Tensor] | 
     return snapshot_weights(type(model).from_pretrained(best))
 
 
-def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scaler) -> TrainerState:
+def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scaler, recipe=None) -> TrainerState:
     """Restore model, optimizer, scaler and RNG states from ``ckpt_dir``; return its trainer state.
 
     Weights come from safetensors (no pickle); the rest through ``torch.load(weights_only=True)``, so a checkpoint
@@ -122,6 +130,8 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scaler) -> TrainerSt
     extra = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scaler.load_state_dict(extra["scaler"])
+    if recipe is not None and "recipe" in extra:
+        recipe.load_state_dict(extra["recipe"])
     torch.set_rng_state(extra["rng_cpu"])
     if extra["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["rng_cuda"])

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .augment import soft_cross_entropy_sum
 from .oom import MicroBatch, OomRehearsal, OptimizerOutOfMemory, free_cuda, with_oom_fallback
 
 IGNORE = -100  # label of padding samples (cross_entropy's ignore_index)
@@ -46,13 +47,15 @@ def pad_batch(x: torch.Tensor, y: torch.Tensor | None, size: int | None):
     if not size or n >= size:
         return x, y
     x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
+    if y is not None and y.is_floating_point():  # soft targets (mixup): all-zero rows count nothing
+        return x, torch.cat([y, y.new_zeros((size - n, *y.shape[1:]))])
     return x, (None if y is None else torch.cat([y, y.new_full((size - n,), IGNORE)]))
 
 
 def train_step(model, x, y, optimizer, scaler, device, dtype, micro: MicroBatch, pad_to: int | None = None) -> float:
     """One optimizer step over the batch (x, y), cut into micro-batches whose gradients are accumulated.
 
-    Each micro-batch's loss is its summed cross-entropy divided by the whole batch size, so the accumulated
+    ``y`` holds class indices, or soft targets [B, C] (mixup). Each micro-batch's loss is its summed cross-entropy divided by the whole batch size, so the accumulated
     gradient equals the full batch's. With ``pad_to`` a short batch is padded (``pad_batch``) and the padding counts
     for nothing. Returns the batch's mean loss.
     """
@@ -65,7 +68,7 @@ def train_step(model, x, y, optimizer, scaler, device, dtype, micro: MicroBatch,
         ys = ys.to(device, non_blocking=True)
         with _autocast(device, dtype):
             logits = forward(model, xs, micro.rehearsal)
-        loss = torch.nn.functional.cross_entropy(logits.float(), ys, reduction="sum", ignore_index=IGNORE) / n
+        loss = soft_cross_entropy_sum(logits.float(), ys, IGNORE) / n
         scaler.scale(loss).backward()
         total += loss.detach()
     optimizer_step(optimizer, scaler)
@@ -126,23 +129,31 @@ class EpochWatch:
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, dtype, micro: MicroBatch,
-                    watch: EpochWatch | None = None, max_steps: int = 0, pad_to: int | None = None) -> tuple[float, int, float]:
+                    watch: EpochWatch | None = None, max_steps: int = 0, pad_to: int | None = None,
+                    augment=None, scheduler=None) -> tuple[float, int, float]:
     """Train over ``loader`` once (``max_steps`` optimizer steps at most, when > 0; short batches padded to ``pad_to``).
-    Returns (mean training loss, samples seen, seconds)."""
+    ``augment(x, y) -> (x, targets)`` transforms each training batch (``trainable.fit.augment.Augment``); ``scheduler``
+    steps after each optimizer step (``watch`` records the lr the step used). Returns (mean training loss, samples
+    seen, seconds)."""
     model.train()
     start, loss_sum, seen = time.perf_counter(), 0.0, 0
     for i, (x, y) in enumerate(loader, 1):
         if max_steps and i > max_steps:
             break
+        lr = optimizer.param_groups[0]["lr"]
+        if augment is not None:
+            x, y = augment(x, y)
         loss = with_oom_fallback(
             lambda: train_step(model, x, y, optimizer, scaler, device, dtype, micro, pad_to),
             micro,
             on_oom=lambda: optimizer.zero_grad(set_to_none=True),
         )
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss * x.shape[0]
         seen += x.shape[0]
         if watch is not None:
-            watch.step(i, loss, optimizer.param_groups[0]["lr"], seen, time.perf_counter() - start)
+            watch.step(i, loss, lr, seen, time.perf_counter() - start)
     return loss_sum / max(seen, 1), seen, time.perf_counter() - start
 
 

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,6 +46,7 @@ from ..store.experiment import (
     selection_score,
 )
 from .oom import MicroBatch
+from .recipe import TrialRecipe, make_optimizer
 from .rng import EpochShuffle, start_epoch, worker_generator
 from .steps import EpochWatch, compile_model, evaluate, train_one_epoch
 from ..store.storage import temp_dir
@@ -135,8 +137,7 @@ def training_objects(config: TrainConfig, classes: Sequence[str]):
     device = resolve_device(config)
     dtype = amp_dtype(config, device)
     model = load_model(config.model, classes, config.num_frames).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=True if device.type == "cuda" else None)
+    optimizer = make_optimizer(config, model.parameters(), fused=True if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     return device, dtype, model, compile_model(model, config.compile), optimizer, scaler
 
@@ -160,9 +161,10 @@ def make_loader(config: TrainConfig, dataset: Dataset, device: torch.device, **k
 Reporter = Callable[[dict[str, Any], Path], None]
 
 
-def restore(restore_dir: str | Path, model, optimizer, scaler) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
-    """(trainer state, best weights so far) from a checkpoint, the model, optimizer and scaler restored in place."""
-    state = load_checkpoint(restore_dir, model, optimizer, scaler)
+def restore(restore_dir: str | Path, model, optimizer, scaler,
+            recipe: TrialRecipe | None = None) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
+    """(trainer state, best weights so far) from a checkpoint, the model, optimizer, scaler and recipe restored in place."""
+    state = load_checkpoint(restore_dir, model, optimizer, scaler, recipe)
     best = load_best_weights(restore_dir, model)
     if best is None and state.best_epoch == state.epoch and not state.finished:  # a checkpoint without best/
         best = snapshot_weights(model)
@@ -206,6 +208,12 @@ class Laps:
         self._last = now
 
 
+def evaluate_splits(net, loaders, device, dtype, micro: MicroBatch, num_classes: int, pad, watch):
+    """(validation, test) results of ``evaluate`` over the two loaders."""
+    return tuple(evaluate(net, loader, device, dtype, micro, num_classes, pad, watch, phase)
+                 for loader, phase in zip(loaders, ("validation", "test")))
+
+
 def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None, startup: dict[str, Any] | None = None) -> TrainerState:
     """Train for ``config.epochs`` epochs, calling ``report(metrics, checkpoint_dir)`` after each.
@@ -225,9 +233,9 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     device, dtype, model, net, optimizer, scaler = training_objects(config, data.classes)
     laps.lap("model")
     state = TrainerState(micro_batch_size=config.batch_size, config=config.to_dict())
-    best = None  # the best epoch's weights so far (float16, CPU)
+    best, recipe = None, TrialRecipe(config, optimizer, len(data.train), len(data.classes), trial_seed(config))  # best epoch's weights (float16, CPU)
     if restore_dir is not None:
-        state, best = restore(restore_dir, model, optimizer, scaler)
+        state, best = restore(restore_dir, model, optimizer, scaler, recipe)
         laps.lap("restore")
     micro = MicroBatch.start(config.batch_size, optimizer, state.micro_batch_size)
     micro.fallbacks = state.oom_fallbacks
@@ -246,22 +254,23 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         steps = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
         watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress)
         train_loss, seen, seconds = train_one_epoch(net, train_loader, optimizer, scaler, device, dtype, micro, watch,
-                                                    config.max_steps_per_epoch, pad)
+                                                    config.max_steps_per_epoch, pad, recipe.augment(epoch), recipe.scheduler)
         if STARTUP_FIRST_STEP not in laps.times and watch.first_step_s is not None:
             laps.times[STARTUP_FIRST_STEP] = round(watch.first_step_s, 4)
-        val = evaluate(net, val_loader, device, dtype, micro, len(data.classes), pad, watch, "validation")
-        test = evaluate(net, test_loader, device, dtype, micro, len(data.classes), pad, watch, "test")
+        evaluate_both = partial(evaluate_splits, net, (val_loader, test_loader), device, dtype, micro, len(data.classes), pad, watch)
+        val, test = evaluate_both()
         if selection_score(val[1], epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
         metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
+        metrics.update(recipe.end_epoch(epoch, model, evaluate_both))  # weight averaging (trainable.fit.recipe)
         state.epoch, state.micro_batch_size, state.oom_fallbacks = epoch, micro.size, micro.fallbacks
         state.history.append(metrics)
         log.info("epoch %d/%d: train_loss %.4f val_acc %.4f test_acc %.4f (%.1f samples/s, micro-batch %d x %d)", epoch,
                  config.epochs, train_loss, val[1], test[1], metrics[SAMPLES_PER_SECOND], micro.size, micro.accum_steps)
         resumable = epoch < config.epochs or config.keep_checkpoints == "all"
         with temp_dir("ckpt") as tmp:
-            save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames, best, resumable)
+            save_checkpoint(tmp, model, optimizer, scaler, state, config.num_frames, best, resumable, recipe)
             metrics.update({EPOCH_SECONDS: time.perf_counter() - epoch_start, SETUP_SECONDS: setup_seconds,
                             STARTUP: laps.times})
             report(metrics, Path(tmp))
@@ -282,9 +291,11 @@ def train_on_all_folds(config: TrainConfig, epochs: int, out_dir: str | Path) ->
     micro = MicroBatch.start(config.batch_size, optimizer)
     order = EpochShuffle(len(dataset), trial_seed(config))
     loader = make_loader(config, dataset, device, sampler=order)
+    recipe = TrialRecipe(config, optimizer, len(dataset), len(classes), trial_seed(config))
     for epoch in range(1, epochs + 1):
         start_epoch(trial_seed(config), epoch, order)
-        loss, seen, seconds = train_one_epoch(net, loader, optimizer, scaler, device, dtype, micro, pad_to=pad_to(config))
+        loss, seen, seconds = train_one_epoch(net, loader, optimizer, scaler, device, dtype, micro, pad_to=pad_to(config),
+                                              augment=recipe.augment(epoch), scheduler=recipe.scheduler)
         log.info("refit epoch %d/%d on all %d clips: train_loss %.4f (%.1f samples/s)", epoch, epochs, seen, loss, seen / max(seconds, 1e-9))
     return export_model(model.cpu(), out_dir, config.num_frames)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import recipe_summary
 from ..store.experiment import format_lr
 from .select import ALPHA
 
@@ -160,7 +161,22 @@ def _details(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+RECIPE_KEYS = ("epochs", "optimizer", "betas", "weight_decay", "lr_schedule", "warmup_steps", "lr_decay_start",
+               "lr_decay_step", "lr_decay_factor", "freqm", "timem", "mixup", "wa_start", "wa_end", "num_frames")
+
+
+def _recipe(s: dict[str, Any]) -> list[str]:
+    """The training recipe every trial shared (the grid's lr and batch size are in the tables above)."""
+    config = s.get("config") or {}
+    rows = [(k, config[k]) for k in RECIPE_KEYS if k in config]
+    if not rows:
+        return []
+    lines = ["## Training recipe", "", recipe_summary(config) + ".", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {', '.join(map(str, v)) if isinstance(v, list) else v} |" for k, v in rows]
+    return lines + [""]
+
+
 def render_report(s: dict[str, Any]) -> str:
-    """The Markdown report: headline with its interval, per-fold picks, every config, comparisons, classes."""
-    return "\n".join(["# ast-cv cross-validation report", ""] + _headline(s) + _tables(s) + _choice(s)
+    """The Markdown report: headline with its interval, per-fold picks, every config, the recipe, comparisons, classes."""
+    return "\n".join(["# ast-cv cross-validation report", ""] + _headline(s) + _tables(s) + _recipe(s) + _choice(s)
                      + _comparisons(s) + _refit(s) + _details(s))
