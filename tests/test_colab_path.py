@@ -16,7 +16,7 @@ import pytest
 import orchestrate
 from trainable.data.metadata import US8K_FOLD_SIZES
 from trainable.store.experiment import trial_dirname
-from trainable.run.progress import Estimate, Progress, TrialView, eta_seconds
+from trainable.run.progress import Progress, TrialView, eta_seconds
 from trainable.results.reduce import summarize
 from trainable.results.report import comparison_verdict, render_report
 
@@ -149,17 +149,6 @@ def test_summary_json_is_strict_json(tmp_path):
 
 
 # ---------------------------------------------------------------- time
-
-
-def test_eta_from_measured_epochs_startups_and_slots():
-    est = Estimate(epoch_s=[60.0], session_overhead_s=20.0)
-    trials = [TrialView("a", "TERMINATED", 5), TrialView("b", "RUNNING", 2), TrialView("c", "PENDING", 0),
-              TrialView("d", "PENDING", 0)]
-    # b: 3 epochs left (180 s, 30 s of the current one done); c, d: 5 epochs + a start each (320 s); one at a time
-    assert eta_seconds(trials, 5, 1, est, {"b": 30.0}) == pytest.approx(150 + 2 * 320)
-    assert eta_seconds(trials, 5, 2, est, {"b": 30.0}) == pytest.approx((150 + 640) / 2)
-    assert eta_seconds(trials, 5, 8, est) == pytest.approx(320)  # never less than the longest single trial's rest
-    assert eta_seconds(trials, 5, 1, Estimate()) is None  # nothing measured yet
 
 
 def test_eta_is_right_after_a_resume_from_the_trials_last_results():

@@ -6,6 +6,7 @@ project that import Ray.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CH
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their errors and warnings are ours to word, unless --debug
 REUSE_WORKERS_ENV = "ASTCV_REUSE_WORKERS"  # 0: a new worker process per trial (benchmarks/startup.py compares)
+TIMELINE_ENV = "ASTCV_TIMELINE"  # a JSON file: the console's events of this session, recorded (benchmarks/eta.py)
 POLL_S = 5.0  # how often the driver collects the trials' in-epoch progress
 # Variables the trials need from the driver's environment (runtime env of every Ray worker).
 PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "ASTCV_SIMULATE_OOM_IN_STEP",
@@ -274,6 +276,8 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
     from .trial import tune_trial
 
     progress = Progress(list(expected_trials(plan.grid)), plan.finished, plan.config.epochs, plan.resources.slots())
+    if os.environ.get(TIMELINE_ENV):
+        progress.timeline = []
     with driver_env(debug):
         try:
             ray.init(**ray_init_args(plan, debug))
@@ -305,6 +309,9 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             return Outcome(failed=progress.failed, interrupted=not progress.all_done)
         finally:
             ray.shutdown()
+            if progress.timeline is not None:
+                progress._record("end")
+                Path(os.environ[TIMELINE_ENV]).write_text(json.dumps(progress.timeline_json()))
 
 
 def describe_grid(grid) -> str:
