@@ -218,9 +218,10 @@ def test_progress_eta_tensorboard_names_ctrl_c_and_a_resume_without_data_root(de
     events = EventAccumulator(str(first.parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "val/accuracy", "val/loss", "test/accuracy", "test/loss"} <= tags
+    assert {"loss/train", "lr/train", "accuracy/val", "loss/val", "accuracy/test", "loss/test"} <= tags
     assert not [t for t in tags if t.startswith("ray/")]  # Ray's counters out of sight
-    assert len(events.Scalars("train/loss")) > len(events.Scalars("val/accuracy")) == 2  # per step vs per epoch
+    assert len(events.Scalars("loss/train")) > len(events.Scalars("accuracy/val")) == 2  # per step vs per epoch
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # the HParams view's row
     startup = json.loads(first.read_text().splitlines()[0])["startup"]
     assert {"worker_s", "imports_s", "data_s", "model_s", "loaders_s", "first_step_s"} <= set(startup)
     resumed = subprocess.run([sys.executable, "orchestrate.py", "--resume", "--storage-path", str(tmp_path), "--name",
@@ -324,28 +325,3 @@ def test_in_epoch_news_travels_from_a_ray_worker_to_the_console(local_ray):
         time.sleep(0.1)
     p.poll([TrialView("t", "RUNNING", 0)], messages)
     assert len(lines) == 1 and "batch 5/9" in lines[0] and "12 samples/s" in lines[0]
-
-
-@pytest.mark.slow
-def test_tensorboard_events_of_an_interrupted_run_reach_the_disk(tmp_path, local_ray):
-    # tensorboardX writes from a queue in its own thread, and an interrupted Tune run ends no trial: the epochs a
-    # trial reported just before a Ctrl-C must still be in its event file (before the fix: 1 of 3 epochs, 3 runs of 3).
-    from ray.train._internal.storage import StorageContext
-    from ray.tune.experiment import Trial
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from trainable.run.tuner import tensorboard_callback
-
-    trial = Trial("f", config={}, stub=True,
-                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="t"))
-    callback = tensorboard_callback()
-    callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
-    for epoch in (1, 2, 3):
-        callback.on_trial_result(iteration=epoch, trials=[trial], trial=trial,
-                                 result={"epoch": epoch, "val_accuracy": epoch / 10, "training_iteration": epoch,
-                                         "train_steps": [[epoch * 10, 1.0, 1e-3]]})
-    callback.on_experiment_end(trials=[trial])  # what Tune calls after an interrupt
-    events = EventAccumulator(trial.local_path)
-    events.Reload()
-    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2, 3]
-    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30]

@@ -23,7 +23,7 @@ def lines_of(name):
     return replay(json.loads((TIMELINES / name).read_text()))
 
 
-@pytest.mark.parametrize("name", ["demo_fresh.json", "demo_resume.json"])
+@pytest.mark.parametrize("name", ["demo_fresh.json", "demo_fresh_2.json", "demo_resume.json"])
 def test_first_estimate_within_20_percent_and_no_unexplained_rise(name):
     rows = lines_of(name)
     assert abs(first_estimate_error(rows)) <= 0.20, rows[0]
