@@ -16,7 +16,7 @@ import pytest
 import orchestrate
 from trainable.data.metadata import US8K_FOLD_SIZES
 from trainable.store.experiment import trial_dirname
-from trainable.run.progress import Estimate, Progress, TrialView, eta_seconds
+from trainable.run.progress import Progress, TrialView, eta_seconds
 from trainable.results.reduce import summarize
 from trainable.results.report import comparison_verdict, render_report
 
@@ -151,17 +151,6 @@ def test_summary_json_is_strict_json(tmp_path):
 # ---------------------------------------------------------------- time
 
 
-def test_eta_from_measured_epochs_startups_and_slots():
-    est = Estimate(epoch_s=[60.0], session_overhead_s=20.0)
-    trials = [TrialView("a", "TERMINATED", 5), TrialView("b", "RUNNING", 2), TrialView("c", "PENDING", 0),
-              TrialView("d", "PENDING", 0)]
-    # b: 3 epochs left (180 s, 30 s of the current one done); c, d: 5 epochs + a start each (320 s); one at a time
-    assert eta_seconds(trials, 5, 1, est, {"b": 30.0}) == pytest.approx(150 + 2 * 320)
-    assert eta_seconds(trials, 5, 2, est, {"b": 30.0}) == pytest.approx((150 + 640) / 2)
-    assert eta_seconds(trials, 5, 8, est) == pytest.approx(320)  # never less than the longest single trial's rest
-    assert eta_seconds(trials, 5, 1, Estimate()) is None  # nothing measured yet
-
-
 def test_eta_is_right_after_a_resume_from_the_trials_last_results():
     lines = []
     p = Progress(["a", "b", "c"], {"a"}, epochs=4, slots=1, out=lambda *a, **k: lines.append(a[0]))
@@ -229,9 +218,10 @@ def test_progress_eta_tensorboard_names_ctrl_c_and_a_resume_without_data_root(de
     events = EventAccumulator(str(first.parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "val/accuracy", "val/loss", "test/accuracy", "test/loss"} <= tags
+    assert {"loss/train", "lr/train", "accuracy/val", "loss/val", "accuracy/test", "loss/test"} <= tags
     assert not [t for t in tags if t.startswith("ray/")]  # Ray's counters out of sight
-    assert len(events.Scalars("train/loss")) > len(events.Scalars("val/accuracy")) == 2  # per step vs per epoch
+    assert len(events.Scalars("loss/train")) > len(events.Scalars("accuracy/val")) == 2  # per step vs per epoch
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # the HParams view's row
     startup = json.loads(first.read_text().splitlines()[0])["startup"]
     assert {"worker_s", "imports_s", "data_s", "model_s", "loaders_s", "first_step_s"} <= set(startup)
     resumed = subprocess.run([sys.executable, "orchestrate.py", "--resume", "--storage-path", str(tmp_path), "--name",
@@ -335,28 +325,3 @@ def test_in_epoch_news_travels_from_a_ray_worker_to_the_console(local_ray):
         time.sleep(0.1)
     p.poll([TrialView("t", "RUNNING", 0)], messages)
     assert len(lines) == 1 and "batch 5/9" in lines[0] and "12 samples/s" in lines[0]
-
-
-@pytest.mark.slow
-def test_tensorboard_events_of_an_interrupted_run_reach_the_disk(tmp_path, local_ray):
-    # tensorboardX writes from a queue in its own thread, and an interrupted Tune run ends no trial: the epochs a
-    # trial reported just before a Ctrl-C must still be in its event file (before the fix: 1 of 3 epochs, 3 runs of 3).
-    from ray.train._internal.storage import StorageContext
-    from ray.tune.experiment import Trial
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from trainable.run.tuner import tensorboard_callback
-
-    trial = Trial("f", config={}, stub=True,
-                  storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="t"))
-    callback = tensorboard_callback()
-    callback.on_trial_start(iteration=0, trials=[trial], trial=trial)
-    for epoch in (1, 2, 3):
-        callback.on_trial_result(iteration=epoch, trials=[trial], trial=trial,
-                                 result={"epoch": epoch, "val_accuracy": epoch / 10, "training_iteration": epoch,
-                                         "train_steps": [[epoch * 10, 1.0, 1e-3]]})
-    callback.on_experiment_end(trials=[trial])  # what Tune calls after an interrupt
-    events = EventAccumulator(trial.local_path)
-    events.Reload()
-    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2, 3]
-    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30]

@@ -179,13 +179,14 @@ def test_compiled_path_matches_eager_and_compiles_once_per_mode(synth_root, tiny
     for mode in ("off", "default"):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        history = []
-        fit(small_config(synth_root, tiny_ast_1024, batch_size=6, compile=mode), lambda m, c: history.append(m))
-        runs[mode] = (history, dict(torch._dynamo.utils.counters["stats"]))
+        history, steps = [], []
+        fit(small_config(synth_root, tiny_ast_1024, batch_size=6, compile=mode), lambda m, c: history.append(m),
+            on_step=lambda step, loss, lr: steps.append((step, loss)))
+        runs[mode] = (history, dict(torch._dynamo.utils.counters["stats"]), steps)
     eager, compiled = runs["off"][0], runs["default"][0]
+    assert [s for s, _ in runs["off"][2]] == [s for s, _ in runs["default"][2]]
+    torch.testing.assert_close([v for _, v in runs["off"][2]], [v for _, v in runs["default"][2]], rtol=0, atol=2e-4)
     for a, b in zip(eager, compiled):
-        assert [p[0] for p in a["train_steps"]] == [p[0] for p in b["train_steps"]]
-        torch.testing.assert_close([p[1] for p in a["train_steps"]], [p[1] for p in b["train_steps"]], rtol=0, atol=2e-4)
         assert a["val_accuracy"] == b["val_accuracy"] and a["test_accuracy"] == b["test_accuracy"]
         assert abs(a["val_loss"] - b["val_loss"]) < 2e-4
     assert runs["default"][1]["unique_graphs"] == 2  # training and evaluation; nothing recompiled in epoch 2

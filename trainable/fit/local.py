@@ -20,7 +20,7 @@ from .checkpoint import read_trainer_state
 from ..cli import run_cli
 from ..config import add_config_arguments, config_from_args
 from ..errors import AstCvError
-from ..store.experiment import BEST_DIR, BEST_EPOCH, BEST_INFO, EPOCH, TRAINER_STATE, tensorboard_scalars
+from ..store.experiment import BEST_DIR, BEST_EPOCH, BEST_INFO, EPOCH, TRAINER_STATE
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,6 @@ class LocalRun:
         # Metrics last: a line in metrics.jsonl means its checkpoint is on disk.
         with open(self.metrics, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
-        from tensorboardX import SummaryWriter
-
-        with SummaryWriter(str(self.out / "tensorboard")) as tb:  # tensorboard --logdir OUT/tensorboard
-            for tag, value, step in tensorboard_scalars(metrics):
-                tb.add_scalar(tag, value, step)
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         """Make metrics.jsonl hold exactly the epochs of the checkpoint being resumed (none when starting over)."""
@@ -146,8 +141,21 @@ def run(args: argparse.Namespace) -> int:
         if previous.config != config.to_dict():
             raise AstCvError(f"{args.output} holds a run with a different config; pass --fresh to start over or another --output.")
     run.rewrite_metrics(previous.history if restore is not None else [])
-    state = fit(config, run, restore_dir=restore, on_progress=lambda m: log.info(
-        "epoch %d, %s: batch %d/%d, %.1f samples/s", m["epoch"], m["phase"], m["step"], m["steps"], m["samples_per_s"]))
+    from .curves import LiveCurves, hparams_of
+
+    curves = LiveCurves(run.out / "tensorboard", hparams_of(config))  # tensorboard --logdir OUT/tensorboard
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
+        curves.epoch(metrics)
+        run(metrics, ckpt_dir)
+
+    finished = False
+    try:
+        state = fit(config, report, restore_dir=restore, on_step=curves.step, on_progress=lambda m: log.info(
+            "epoch %d, %s: batch %d/%d, %.1f samples/s", m["epoch"], m["phase"], m["step"], m["steps"], m["samples_per_s"]))
+        finished = True
+    finally:
+        curves.close(finished)
     print(f"best epoch {state.best_epoch}: val_accuracy {state.best_val_accuracy:.4f}, test_accuracy "
           f"{state.best_test_accuracy:.4f}; model in {run.best}")
     return 0

@@ -96,28 +96,23 @@ def optimizer_step(optimizer, scaler) -> None:
 
 @dataclass
 class EpochWatch:
-    """What happens inside an epoch, for TensorBoard and the console: each optimizer step's loss and learning rate
-    (averaged over windows, so an epoch keeps at most MAX_POINTS), and ``on_progress`` every ``every_s`` seconds."""
+    """What happens inside an epoch, for TensorBoard and the console: each optimizer step's loss and learning rate to
+    ``on_step`` (the trial's live curves, ``trainable.fit.curves``), and ``on_progress`` every ``every_s`` seconds."""
 
-    MAX_POINTS = 200
     epoch: int
     steps: int  # optimizer steps in the epoch
     first_step: int  # the trial's global step number of the epoch's first optimizer step
     on_progress: Callable[[dict[str, Any]], None] | None = None
     every_s: float = 20.0
-    points: list[list[float]] = field(default_factory=list)  # [global step, loss, lr]
+    on_step: Callable[[int, float, float], None] | None = None  # (global step, loss, learning rate)
     first_step_s: float | None = None  # the epoch's first optimizer step (data loading workers, warm-up, compiling)
-    _window: list[float] = field(default_factory=list)
     _last: float = field(default_factory=time.perf_counter)
 
     def step(self, i: int, loss: float, lr: float, seen: int, seconds: float) -> None:
         if i == 1:
             self.first_step_s = seconds
-        self._window.append(loss)
-        stride = max(1, -(-self.steps // self.MAX_POINTS))
-        if len(self._window) >= stride or i == self.steps:
-            self.points.append([self.first_step + i - 1, sum(self._window) / len(self._window), lr])
-            self._window.clear()
+        if self.on_step is not None:
+            self.on_step(self.first_step + i - 1, loss, lr)
         self.news(phase="training", step=i, steps=self.steps, samples_per_s=seen / max(seconds, 1e-9))
 
     def news(self, **message: Any) -> None:

@@ -40,7 +40,6 @@ from ..store.experiment import (
     TEST_CONFUSION,
     TEST_LOSS,
     TRAIN_LOSS,
-    TRAIN_STEPS,
     VAL_ACCURACY,
     VAL_LOSS,
     selection_score,
@@ -173,7 +172,7 @@ def restore(restore_dir: str | Path, model, optimizer, scaler,
 
 
 def epoch_metrics(epoch: int, train_loss: float, val, test, samples_per_second: float, micro: MicroBatch,
-                  state: TrainerState, watch: EpochWatch) -> dict[str, Any]:
+                  state: TrainerState) -> dict[str, Any]:
     """What an epoch reports (``val``, ``test``: evaluate's (loss, accuracy, confusion))."""
     return {
         EPOCH: epoch,
@@ -191,7 +190,6 @@ def epoch_metrics(epoch: int, train_loss: float, val, test, samples_per_second: 
         BEST_TEST_ACCURACY: state.best_test_accuracy,
         OOM_FALLBACKS: micro.fallbacks,
         TEST_CONFUSION: json.dumps(test[2].tolist()),
-        TRAIN_STEPS: watch.points,
     }
 
 
@@ -215,15 +213,16 @@ def evaluate_splits(net, loaders, device, dtype, micro: MicroBatch, num_classes:
 
 
 def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = None,
-        on_progress: Callable[[dict[str, Any]], None] | None = None, startup: dict[str, Any] | None = None) -> TrainerState:
+        on_progress: Callable[[dict[str, Any]], None] | None = None, startup: dict[str, Any] | None = None,
+        on_step: Callable[[int, float, float], None] | None = None) -> TrainerState:
     """Train for ``config.epochs`` epochs, calling ``report(metrics, checkpoint_dir)`` after each.
 
     ``checkpoint_dir`` is a temporary folder holding that epoch's checkpoint (``trainable.fit.checkpoint``: the resume
     point, except after the last epoch unless ``keep_checkpoints`` is "all", and the best epoch's weights); the
     reporter must copy what it keeps before returning. With ``restore_dir``, training resumes exactly after that
     checkpoint's epoch (a finished trial's checkpoint: nothing is left to do). ``on_progress`` hears from inside
-    each epoch every 20 s (step, samples/s). ``startup``: what the caller measured of the trial's start, reported with
-    this function's own laps.
+    each epoch every 20 s (step, samples/s), ``on_step`` each optimizer step (global step, loss, learning rate: the
+    live curves, ``trainable.fit.curves``). ``startup``: what the caller measured of the trial's start, reported too.
     """
     started = time.perf_counter()
     laps = Laps(**(startup or {}))
@@ -252,7 +251,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         epoch_start = time.perf_counter()
         start_epoch(trial_seed(config), epoch, order)  # data order and RNGs: the same whether resumed or not
         steps = min(len(train_loader), config.max_steps_per_epoch or len(train_loader))
-        watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress)
+        watch = EpochWatch(epoch, steps, (epoch - 1) * steps + 1, on_progress, on_step=on_step)
         train_loss, seen, seconds = train_one_epoch(net, train_loader, optimizer, scaler, device, dtype, micro, watch,
                                                     config.max_steps_per_epoch, pad, recipe.augment(epoch), recipe.scheduler)
         if STARTUP_FIRST_STEP not in laps.times and watch.first_step_s is not None:
@@ -262,7 +261,7 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
         if selection_score(val[1], epoch) > selection_score(state.best_val_accuracy, state.best_epoch):
             state.best_epoch, state.best_val_accuracy, state.best_test_accuracy = epoch, val[1], test[1]
             best = snapshot_weights(model)
-        metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state, watch)
+        metrics = epoch_metrics(epoch, train_loss, val, test, seen / max(seconds, 1e-9), micro, state)
         metrics.update(recipe.end_epoch(epoch, model, evaluate_both))  # weight averaging (trainable.fit.recipe)
         state.epoch, state.micro_batch_size, state.oom_fallbacks = epoch, micro.size, micro.fallbacks
         state.history.append(metrics)

@@ -22,6 +22,7 @@ from ..store.storage import Store, is_uri, join
 
 GRID_KEYS = ("test_fold", "lr", "batch_size")
 DEFAULT_NAME = "ast-cv"
+SPACE_NAMES = {"smoke": "smoke"}  # a space's own experiment by default: a smoke run's trials never join the grid's
 DEMO_DIR = "demo"
 DEFAULT_CACHE = "~/.cache/ast-cv/features"  # local disk: fast, and never the (maybe slow, small or remote) storage
 # Config fields a continued experiment may change (with the resources and --test-folds, which may grow); the others
@@ -111,9 +112,10 @@ def with_demo_defaults(args: argparse.Namespace) -> tuple[argparse.Namespace, di
                   "num_workers": 0}
 
 
-def experiment_location(storage_path: str, name: str | None) -> tuple[str, str, str]:
-    """(storage, name, experiment folder); local storage made absolute."""
-    name = name or DEFAULT_NAME
+def experiment_location(storage_path: str, name: str | None, space: str | None = None) -> tuple[str, str, str]:
+    """(storage, name, experiment folder); local storage made absolute. Without a name: the space's own (SPACE_NAMES),
+    else DEFAULT_NAME."""
+    name = name or SPACE_NAMES.get(space or "", DEFAULT_NAME)
     if "/" in name or name in (".", ".."):
         raise AstCvError(f"--name {name!r} must be a plain folder name (no '/').")
     storage = storage_path if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())

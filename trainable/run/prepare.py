@@ -63,7 +63,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
     from ..fit.model import resolve_model
 
     args, demo = with_demo_defaults(args)
-    storage, name, exp_dir = experiment_location(args.storage_path, args.name)
+    storage, name, exp_dir = experiment_location(args.storage_path, args.name, args.space)
     store = Store.open(exp_dir)
     manifest = read_manifest(store)
     if args.resume and manifest is None:

@@ -131,6 +131,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
     from ray import tune
 
     from ..fit.train import fit
+    from .live import live_curves
 
     startup["imports_s"] = round(time.perf_counter() - began, 4)
     config = TrainConfig.from_dict({**base, **trial_config})
@@ -149,6 +150,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
             pass
 
     def report(metrics: dict[str, Any], ckpt_dir: Path) -> None:
+        curves.epoch(metrics)  # on disk before Ray has the result
         try:
             tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
         except Exception as exc:
@@ -160,8 +162,10 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
     with ExitStack() as stack:
         checkpoint = tune.get_checkpoint()
         restore = choose_restore_point(checkpoint, stack) if checkpoint is not None else None
+        curves = live_curves(exp_dir, name, config, stack)  # TensorBoard, while the epoch runs
         try:
-            fit(config, report, restore_dir=restore, on_progress=on_progress, startup=startup)
+            fit(config, report, restore_dir=restore, on_progress=on_progress, startup=startup, on_step=curves.step)
+            curves.finished = True
         except StorageFull:
             raise
         except Exception as exc:

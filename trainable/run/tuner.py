@@ -6,6 +6,7 @@ project that import Ray.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..fit.checkpoint import SIMULATE_DISK_FULL_ENV
+from ..fit.curves import LIVE_EVERY_ENV
 from ..errors import AstCvError
-from ..store.experiment import EPOCH, expected_trials, tensorboard_scalars, trial_dirname
+from ..store.experiment import EPOCH, expected_trials, trial_dirname
 from .cluster import NodeProblem, code_env, on_cluster
+from .live import syncs_artifacts
 from .plan import GRID_KEYS, Plan
 from .progress import Progress, TrialView
 from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
@@ -31,10 +34,11 @@ DRIVER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CH
 QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
 QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air")  # their errors and warnings are ours to word, unless --debug
 REUSE_WORKERS_ENV = "ASTCV_REUSE_WORKERS"  # 0: a new worker process per trial (benchmarks/startup.py compares)
+TIMELINE_ENV = "ASTCV_TIMELINE"  # a JSON file: the console's events of this session, recorded (benchmarks/eta.py)
 POLL_S = 5.0  # how often the driver collects the trials' in-epoch progress
 # Variables the trials need from the driver's environment (runtime env of every Ray worker).
 PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "ASTCV_SIMULATE_OOM_IN_STEP",
-                    SIMULATE_DISK_FULL_ENV, "ASTCV_TEST_HOLD_AFTER_EPOCH", "ASTCV_TEST_HOLD_MARK")
+                    SIMULATE_DISK_FULL_ENV, LIVE_EVERY_ENV, "ASTCV_TEST_HOLD_AFTER_EPOCH", "ASTCV_TEST_HOLD_MARK")
 
 
 # Ray's notice on every local start (RAY_AUTH_MODE unset): "Token authentication is enabled for this Ray cluster. Set
@@ -164,32 +168,22 @@ def make_callback(plan: Plan, progress: Progress, board_name: str | None = None)
 
 
 def tensorboard_callback():
-    """TensorBoard events in each trial's folder under clear names (train/loss and train/lr per optimizer step;
-    val/accuracy, test/accuracy, ... per epoch) in place of Ray's, which logs its internal counters too."""
+    """In place of Ray's TensorBoard logger (which logs its internal counters too), one that writes nothing: each trial
+    writes its own events, per step while an epoch runs (``trainable.fit.curves``), into its folder. A
+    TBXLoggerCallback subclass, so that Ray adds no logger of its own."""
     from ray.tune.logger import TBXLoggerCallback
 
-    class TensorBoard(TBXLoggerCallback):  # a TBXLoggerCallback subclass: Ray adds no logger of its own then
+    class TrialsWriteTheirOwn(TBXLoggerCallback):
+        def log_trial_start(self, trial):
+            pass
+
         def log_trial_result(self, iteration, trial, result):
-            if trial not in self._trial_writer:
-                self.log_trial_start(trial)
-            writer = self._trial_writer[trial]
-            if EPOCH in result:
-                for tag, value, step in tensorboard_scalars(result):
-                    writer.add_scalar(tag, value, global_step=step)
-                writer.flush()
+            pass
 
         def log_trial_end(self, trial, failed: bool = False):
-            if trial in self._trial_writer:
-                self._trial_writer.pop(trial).close()
-                self._trial_result.pop(trial, None)
+            pass
 
-        def on_experiment_end(self, trials, **info):
-            # tensorboardX writes from a queue in a thread of its own (its flush() does not wait for the queue), and
-            # Ray ends no trial when the run is interrupted: close every writer, else a Ctrl-C loses queued events.
-            for trial in list(self._trial_writer):
-                self.log_trial_end(trial)
-
-    return TensorBoard()
+    return TrialsWriteTheirOwn()
 
 
 def progress_board(name: str):
@@ -246,6 +240,7 @@ def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, m
             name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0, callbacks=callbacks,
             checkpoint_config=checkpoint_config(tune, plan.config.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=max_failures),
+            sync_config=tune.SyncConfig(sync_artifacts=syncs_artifacts(plan.storage_path)),
         ),
     )
 
@@ -293,6 +288,8 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
     from .trial import tune_trial
 
     progress = Progress(list(expected_trials(plan.grid)), plan.finished, plan.config.epochs, plan.resources.slots())
+    if os.environ.get(TIMELINE_ENV):
+        progress.timeline = []
     with driver_env(debug):
         try:
             ray.init(**ray_init_args(plan, debug))
@@ -307,7 +304,9 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
                                                                  board=board), plan.resources.as_ray())
             callbacks = [make_callback(plan, progress, board), tensorboard_callback()]
             r = plan.resources
-            print(f"Running {plan.trials} trials ({describe_grid(plan.grid)}), {r.cpus_per_trial:g} CPU + "
+            left = f"{plan.trials - len(plan.finished)} of {plan.trials} trials ({len(plan.finished)} finished earlier; " \
+                if plan.finished else f"{plan.trials} trials ("
+            print(f"Running {left}{describe_grid(plan.grid)}), {r.cpus_per_trial:g} CPU + "
                   f"{r.gpus_per_trial:g} GPU each, into {plan.exp_dir}", flush=True)
             new_folds = plan.grid["test_fold"]
             if plan.restore and tune.Tuner.can_restore(plan.exp_dir):
@@ -325,6 +324,9 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             return Outcome(failed=progress.failed, interrupted=not progress.all_done)
         finally:
             ray.shutdown()
+            if progress.timeline is not None:
+                progress._record("end")
+                Path(os.environ[TIMELINE_ENV]).write_text(json.dumps(progress.timeline_json()))
 
 
 def describe_grid(grid) -> str:

@@ -46,7 +46,6 @@ MICRO_BATCH_SIZE = "micro_batch_size"
 GRAD_ACCUM_STEPS = "grad_accum_steps"
 SAMPLES_PER_SECOND = "samples_per_second"
 EPOCH_SECONDS = "epoch_seconds"  # wall time of the epoch: training, evaluation and the checkpoint
-TRAIN_STEPS = "train_steps"  # [[global step, loss, learning rate], ...] of the epoch (for TensorBoard)
 SETUP_SECONDS = "setup_seconds"  # from the trial's start to its first step (model load, data, restore)
 STARTUP = "startup"  # the start's pieces: worker_s, data_s, model_s, restore_s, loaders_s, first_step_s (seconds)
 STARTUP_FIRST_STEP = "first_step_s"
@@ -59,22 +58,25 @@ SELECTION_SCORE = "selection_score"  # what checkpoints are ranked by and epochs
 NODE_ID = "node_id"  # Ray node that ran the trial (trials only)
 CUDA_VISIBLE_DEVICES = "cuda_visible_devices"  # GPUs Ray gave the trial (trials only)
 
-# TensorBoard: clear names for the epoch metrics (x axis: epoch); TRAIN_STEPS gives train/loss and train/lr per step.
-TENSORBOARD_EPOCH_TAGS = {TRAIN_LOSS: "train/epoch_loss", VAL_LOSS: "val/loss", VAL_ACCURACY: "val/accuracy",
-                          TEST_LOSS: "test/loss", TEST_ACCURACY: "test/accuracy",
+# TensorBoard tags, grouped by their first part; TensorBoard sorts the groups by name, so accuracy and loss come before
+# lr and perf. Per optimizer step (x axis: the trial's step) the training loss and learning rate; per epoch (x axis:
+# the epoch) the rest.
+TB_TRAIN_LOSS = "loss/train"
+TB_TRAIN_LR = "lr/train"
+TENSORBOARD_EPOCH_TAGS = {VAL_ACCURACY: "accuracy/val", TEST_ACCURACY: "accuracy/test",
+                          BEST_VAL_ACCURACY: "accuracy/best_val", BEST_TEST_ACCURACY: "accuracy/test_at_best_val",
+                          TRAIN_LOSS: "loss/train_epoch", VAL_LOSS: "loss/val", TEST_LOSS: "loss/test",
                           SAMPLES_PER_SECOND: "perf/samples_per_second", EPOCH_SECONDS: "perf/epoch_seconds",
                           MICRO_BATCH_SIZE: "perf/micro_batch_size"}
+# The HParams view: one row per trial, its grid point and these tags' latest values.
+HPARAM_KEYS = ("lr", "batch_size", "test_fold", "val_fold")
+HPARAM_METRICS = ("accuracy/best_val", "accuracy/test_at_best_val", "accuracy/val", "accuracy/test")
 
 
 def tensorboard_scalars(metrics: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """(tag, value, step) of one epoch's metrics: per optimizer step train/loss and train/lr, then the epoch's."""
-    out = []
-    for step, loss, lr in metrics.get(TRAIN_STEPS, []):
-        out += [("train/loss", float(loss), int(step)), ("train/lr", float(lr), int(step))]
-    for key, tag in TENSORBOARD_EPOCH_TAGS.items():
-        if isinstance(metrics.get(key), (int, float)):
-            out.append((tag, float(metrics[key]), int(metrics[EPOCH])))
-    return out
+    """(tag, value, epoch) of one epoch's metrics."""
+    return [(tag, float(metrics[key]), int(metrics[EPOCH])) for key, tag in TENSORBOARD_EPOCH_TAGS.items()
+            if isinstance(metrics.get(key), (int, float)) and not isinstance(metrics.get(key), bool)]
 
 
 _EPOCH_TIE_BREAK = 1e-9  # far below one clip of validation accuracy (1 / 10,000 clips), for up to 10^4 epochs
