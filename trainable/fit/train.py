@@ -212,6 +212,13 @@ def evaluate_splits(net, loaders, device, dtype, micro: MicroBatch, num_classes:
                  for loader, phase in zip(loaders, ("validation", "test")))
 
 
+def trial_loaders(config: TrainConfig, data, device):
+    """(the train order, then the train, validation and test loaders) of one trial."""
+    order = EpochShuffle(len(data.train), trial_seed(config))
+    return (order, make_loader(config, data.train, device, sampler=order), make_loader(config, data.val, device),
+            make_loader(config, data.test, device))
+
+
 def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None, startup: dict[str, Any] | None = None,
         on_step: Callable[[int, float, float], None] | None = None) -> TrainerState:
@@ -240,12 +247,9 @@ def fit(config: TrainConfig, report: Reporter, restore_dir: str | Path | None = 
     micro.fallbacks = state.oom_fallbacks
     log.info("fold %d (val %s): %d train / %d val / %d test clips on %s%s", config.test_fold, config.val_fold or "auto",
              len(data.train), len(data.val), len(data.test), device, f" with {dtype} autocast" if dtype else "")
-    order = EpochShuffle(len(data.train), trial_seed(config))
-    train_loader = make_loader(config, data.train, device, sampler=order)
-    val_loader, test_loader = make_loader(config, data.val, device), make_loader(config, data.test, device)
+    order, train_loader, val_loader, test_loader = trial_loaders(config, data, device)
     laps.lap("loaders")
-    setup_seconds = time.perf_counter() - started
-    pad = pad_to(config)
+    setup_seconds, pad = time.perf_counter() - started, pad_to(config)
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
         epoch_start = time.perf_counter()
