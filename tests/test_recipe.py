@@ -258,3 +258,18 @@ def test_ast_official_space_runs_end_to_end_and_shows_the_recipe(demo_assets, tm
     events.Reload()
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.85e-5)  # epoch 2 after the first decay
+
+
+def test_a_resume_refuses_a_changed_recipe_option():
+    import argparse
+
+    from trainable.errors import AstCvError
+    from trainable.run.plan import continued_values
+
+    manifest = {"base_config": TrainConfig(freqm=24, lr_schedule="step").to_dict(),
+                "grid": {"test_fold": [1], "lr": [1e-5], "batch_size": [48]}}
+    args = argparse.Namespace(folds=None, lrs=None, batch_sizes=None, test_folds=None)
+    values, _, _ = continued_values(manifest, {"freqm": 24, "num_workers": 4}, args, None, "exp")
+    assert values["freqm"] == 24 and values["num_workers"] == 4
+    with pytest.raises(AstCvError, match="--freqm .recorded 24, now 0.*--lr-schedule"):
+        continued_values(manifest, {"freqm": 0, "lr_schedule": "cosine"}, args, None, "exp")
