@@ -239,7 +239,7 @@ def test_ast_official_space_runs_end_to_end_and_shows_the_recipe(demo_assets, tm
 
     data_root, model = demo_assets
     rc = orchestrate.main(["--data-root", str(data_root), "--model", str(model), "--folds", "1", "2", "3", "4",
-                           "--test-folds", "1", "--epochs", "2", "--lr-decay-start", "1", "--num-frames", "400",
+                           "--test-folds", "1", "--epochs", "2", "--max-steps-per-epoch", "1", "--lr-decay-start", "1", "--num-frames", "400",
                            "--num-workers", "0", "--gpus", "0", "--storage-path", str(tmp_path), "--name", "official",
                            "--space", "ast-official"])
     assert rc == 0, capsys.readouterr()
@@ -250,11 +250,26 @@ def test_ast_official_space_runs_end_to_end_and_shows_the_recipe(demo_assets, tm
     assert {k: base[k] for k in want} == want
     [trial] = [p for p in exp.iterdir() if p.is_dir() and p.name.startswith("fold01")]
     assert "bs48" in trial.name and "lr1e-05" in trial.name
-    first = json.loads((trial / "result.json").read_text().splitlines()[0])
-    assert {k: first["config"][k] for k in want} == want
+    [state] = trial.glob("checkpoint_*/trainer_state.json")  # the trial's own full config
+    assert {k: json.loads(state.read_text())["config"][k] for k in want} == want
     report = (exp / "report.md").read_text()
     assert "## Training recipe" in report and "SpecAugment freqm 24 timem 96" in report and "x0.85 every 1 from epoch 1" in report
     events = EventAccumulator(str(trial))
     events.Reload()
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.85e-5)  # epoch 2 after the first decay
+
+
+def test_a_resume_refuses_a_changed_recipe_option():
+    import argparse
+
+    from trainable.errors import AstCvError
+    from trainable.run.plan import continued_values
+
+    manifest = {"base_config": TrainConfig(freqm=24, lr_schedule="step").to_dict(),
+                "grid": {"test_fold": [1], "lr": [1e-5], "batch_size": [48]}}
+    args = argparse.Namespace(folds=None, lrs=None, batch_sizes=None, test_folds=None)
+    values, _, _ = continued_values(manifest, {"freqm": 24, "num_workers": 4}, args, None, "exp")
+    assert values["freqm"] == 24 and values["num_workers"] == 4
+    with pytest.raises(AstCvError, match="--freqm .recorded 24, now 0.*--lr-schedule"):
+        continued_values(manifest, {"freqm": 0, "lr_schedule": "cosine"}, args, None, "exp")
