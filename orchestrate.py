@@ -210,6 +210,10 @@ def report_only(location: str) -> int:
     from trainable.results.reduce import summarize
 
     exp = location if is_uri(location) else str(Path(location).expanduser().resolve())
+    if is_uri(exp):
+        from trainable.store.storage import Store
+
+        Store.open(exp).check_bucket()  # a missing bucket, wrong credentials, no endpoint: one line each
     summary = summarize(exp)
     print_summary(summary, exp)
     return 1 if summary["best_model_dir"] is None and summary["mean"] is not None else 0
@@ -229,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     local = plan.store.local_path
     if local is not None:
         ensure_writable(local)
+    else:
+        plan.store.check_writable()  # a bucket that is missing or refuses us: one line now
     with ExperimentLock(local) if local is not None else nullcontext():
         plan = preflight(plan, meta, args.refit, args.no_space_check)
         plan = prepare_inputs(plan, meta, headers)
