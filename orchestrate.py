@@ -28,7 +28,7 @@ from trainable.store.experiment import FINAL_MODEL, REPORT, SUMMARY, format_lr, 
 from trainable.store.lock import ExperimentLock
 from trainable.run.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
 from trainable.run.prepare import warn
-from trainable.store.storage import is_uri, join
+from trainable.store.storage import is_uri, join, remote_storage_error
 
 EPILOG = """\
 Results go to STORAGE/NAME/ (a folder or a URI): one folder per trial (fold03_lr5e-05_bs16/ with its checkpoint,
@@ -258,12 +258,24 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["complete"] else 1
 
 
+def run_with_storage_errors(args: argparse.Namespace) -> int:
+    """``run``, with a failure of object storage (missing bucket, wrong credentials, unreachable endpoint) as one
+    line instead of pyarrow's traceback."""
+    try:
+        return run(args)
+    except OSError as exc:
+        problem = remote_storage_error(exc)
+        if problem is None or args.debug:
+            raise
+        raise problem from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("trainable").setLevel(logging.INFO)
     try:
-        return run_cli(lambda: run(args), args.debug)
+        return run_cli(lambda: run_with_storage_errors(args), args.debug)
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130

@@ -18,14 +18,6 @@ def run_cli(body: Callable[[], int], debug: bool = False) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # object storage: a missing bucket, wrong credentials, an unreachable endpoint
-        from .store.storage import remote_storage_error
-
-        problem = remote_storage_error(exc)
-        if debug or problem is None:
-            raise
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
 
 
 def run_moved(old: str, new: str, main: Callable[[], int]) -> int:
