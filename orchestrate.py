@@ -88,7 +88,9 @@ def _cache_and_resources(cache, res) -> None:
     res.add_argument("--gpus-per-trial", type=auto_or(float, "a number"), default=None,
                      help="GPUs per trial: a number (fractions such as 0.5 pack trials on one card; 0 = CPU) or auto "
                      "(the default): 0.5 on cards of 40 GB or more, where two packed trials measured 1.9-2x the "
-                     "trials per hour, else 1; 0 without GPUs")
+                     "trials per hour, else 1; 0 without GPUs. With --address it is settled from the cluster's nodes "
+                     "after connecting (1 per trial, 0.5 when every GPU node's accelerator_type is such a card), and a "
+                     "request no single node fits is refused before any trial")
     res.add_argument("--cpus-per-trial", type=float, default=None,
                      help="CPUs per trial, also torch's thread count (default: 2 with a GPU, else 1)")
     res.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
