@@ -31,7 +31,7 @@ from trainable.store.experiment import (FINAL_MODEL, REPORT, SUMMARY, expected_t
 from trainable.store.lock import STALE_S, ExperimentLock
 from trainable.run.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
 from trainable.run.prepare import warn
-from trainable.store.storage import is_uri, join
+from trainable.store.storage import is_uri, join, remote_storage_error
 
 EPILOG = """\
 Results go to STORAGE/NAME/ (a folder or a URI): one folder per trial (fold03_lr5e-05_bs16/ with its checkpoint,
@@ -92,7 +92,9 @@ def _cache_and_resources(cache, res) -> None:
     res.add_argument("--gpus-per-trial", type=auto_or(float, "a number"), default=None,
                      help="GPUs per trial: a number (fractions such as 0.5 pack trials on one card; 0 = CPU) or auto "
                      "(the default): 0.5 on cards of 40 GB or more, where two packed trials measured 1.9-2x the "
-                     "trials per hour, else 1; 0 without GPUs")
+                     "trials per hour, else 1; 0 without GPUs. With --address it is settled from the cluster's nodes "
+                     "after connecting (1 per trial, 0.5 when every GPU node's accelerator_type is such a card), and a "
+                     "request no single node fits is refused before any trial")
     res.add_argument("--cpus-per-trial", type=float, default=None,
                      help="CPUs per trial, also torch's thread count (default: 2 with a GPU, else 1)")
     res.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
@@ -247,6 +249,10 @@ def report_only(location: str) -> int:
     from trainable.results.reduce import summarize
 
     exp = location if is_uri(location) else str(Path(location).expanduser().resolve())
+    if is_uri(exp):
+        from trainable.store.storage import Store
+
+        Store.open(exp).check_bucket()  # a missing bucket, wrong credentials, no endpoint: one line each
     summary = summarize(exp)
     print_summary(summary, exp)
     return 1 if summary["best_model_dir"] is None and summary["mean"] is not None else 0
@@ -293,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
     local = plan.store.local_path
     if local is not None:
         ensure_writable(local)
+    else:
+        plan.store.check_writable()  # a bucket that is missing or refuses us: one line now
     failed = 0
     with ExitStack() as held:
         if local is not None:
@@ -317,12 +325,24 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["complete"] else 1
 
 
+def run_with_storage_errors(args: argparse.Namespace) -> int:
+    """``run``, with a failure of object storage (missing bucket, wrong credentials, unreachable endpoint) as one
+    line instead of pyarrow's traceback."""
+    try:
+        return run(args)
+    except OSError as exc:
+        problem = remote_storage_error(exc)
+        if problem is None or args.debug:
+            raise
+        raise problem from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("trainable").setLevel(logging.INFO)
     try:
-        return run_cli(lambda: run(args), args.debug)
+        return run_cli(lambda: run_with_storage_errors(args), args.debug)
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130

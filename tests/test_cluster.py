@@ -89,15 +89,15 @@ def _can_hide_the_project() -> bool:
     return probe.returncode == 0
 
 
-def _start_node(args: list[str], temp: Path, hide: bool, log) -> subprocess.Popen:
+def _start_node(args: list[str], temp: Path, hide: list[Path], log) -> subprocess.Popen:
     """A Ray node of its own (its own temp dir and ports), in a process group of its own: killed by its group only."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     ray = str(Path(sys.executable).with_name("ray"))
     cmd = [ray, "start", "--block", "--temp-dir", str(temp), "--disable-usage-stats", *_ports(), *args]
-    if hide:  # the worker node cannot see the project: only what Ray ships reaches its trials
-        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-               f"mount -t tmpfs tmpfs '{ROOT}' && exec \"$@\"", "sh", *cmd]
+    if hide:  # the worker node cannot see these (the project: only what Ray ships reaches its trials)
+        mounts = " && ".join(f"mount -t tmpfs tmpfs '{p}'" for p in hide)
+        cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec \"$@\"", "sh", *cmd]
     return subprocess.Popen(cmd, cwd=temp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -116,9 +116,12 @@ def _wait_for_nodes(address: str, count: int, deadline_s: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """(address, whether the workers cannot see the project): a head with 0 CPUs, two workers of 1 CPU + 1 fake GPU."""
+    """(address, a folder only this machine sees, or None when the workers see everything): a head with 0 CPUs, two
+    workers of 1 CPU + 1 fake GPU, which see neither the project nor that folder (as root)."""
     base = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under each temp dir
-    hide = _can_hide_the_project()
+    local = base / "local"
+    local.mkdir()
+    hide = [ROOT, local] if _can_hide_the_project() else []
     port = _free_port()
     address = f"127.0.0.1:{port}"
     procs = []
@@ -127,13 +130,13 @@ def cluster():
             (base / "h").mkdir()
             procs.append(_start_node(["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
                                       "--include-dashboard", "false", "--ray-client-server-port", str(_free_port())],
-                                     base / "h", False, log))
+                                     base / "h", [], log))
             for i in (1, 2):
                 (base / f"w{i}").mkdir()
                 procs.append(_start_node(["--address", address, "--num-cpus", "1", "--num-gpus", "1"], base / f"w{i}",
                                          hide, log))
             _wait_for_nodes(address, 3)
-            yield address, hide
+            yield address, (local if hide else None)
         finally:
             for p in reversed(procs):
                 try:
@@ -156,9 +159,10 @@ def _error_lines(err: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_run(cluster, demo_assets, tmp_path,
-                                                                                   capsys, monkeypatch):
-    address, hidden = cluster
+def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_run(cluster, synth_root, tiny_ast_1024,
+                                                                                   tmp_path, capsys, monkeypatch):
+    address, local = cluster
+    demo_assets = (synth_root, tiny_ast_1024)  # any data and model: these trials need not learn
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     storage = tmp_path / "shared"
 
@@ -192,5 +196,15 @@ def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_r
     rows = [json.loads(line) for t in (storage / "cpu").glob("fold*/result.json") for line in t.read_text().splitlines()]
     assert len({r["node_id"] for r in rows}) == 2 and {r["cuda_visible_devices"] for r in rows} == {""}
     assert json.loads((storage / "cpu" / "summary.json").read_text())["complete"]
-    if not hidden:
+    if local is None:
         pytest.skip("not root: the worker nodes could see the project folder, so code shipping was not isolated")
+
+    # 5. The per-node preflight: data that only this machine has is refused in one line naming a node, before any trial.
+    shutil.copytree(synth_root, local / "data")
+    argv = _args((local / "data", tiny_ast_1024), storage, "local-data", "--address", address, "--gpus-per-trial", "0")
+    assert orchestrate.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = _error_lines(err)
+    assert len(lines) == 1 and re.search(r"error: Preflight: node \S+ \(id [0-9a-f]{8}\): --data-root \S+ has no "
+                                         r"metadata/UrbanSound8K.csv on this node", lines[0]), err
+    assert not list((storage / "local-data").glob("fold*")) and not list((storage / "local-data").glob(".astcv-pre*"))

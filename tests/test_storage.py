@@ -401,3 +401,74 @@ def test_footprint_of_the_grid_at_ast_base_size():
     assert fp.resume_bytes == pytest.approx(1.03e9, rel=0.02) and fp.best_bytes == pytest.approx(0.171e9, rel=0.02)
     assert 6.9e9 < fp.end_bytes < 7.5e9 and fp.end_bytes < fp.peak_bytes < 10e9  # the issue's bound: 10 GB
     assert Footprint(85_625_098, 40, 1, 5, "all").end_bytes > 90e9  # every epoch's full checkpoint
+
+
+@pytest.fixture
+def s3_with_auth(monkeypatch):
+    """moto's S3 server checking credentials (after its first 4 requests, which make the bucket and a user allowed
+    everything); the AWS variables hold that user's keys. Yields (bucket URI, server port)."""
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        deadline = time.time() + 30
+        while True:  # the port answers: no request spent before the 4 that set it up
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto's server did not start"
+                time.sleep(0.2)
+        boto3.client("s3").create_bucket(Bucket="astcv-auth")
+        iam = boto3.client("iam")
+        iam.create_user(UserName="runner")
+        key = iam.create_access_key(UserName="runner")["AccessKey"]
+        iam.put_user_policy(UserName="runner", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        yield "s3://astcv-auth/runs", port
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.slow
+def test_s3_errors_are_one_line_each_in_a_run_and_in_report_only(synth_root, tiny_ast_1024, s3_with_auth, capsys,
+                                                                 monkeypatch):
+    """A missing bucket, wrong credentials, an unreachable endpoint: one line each saying what to fix (were
+    tracebacks), before any trial and in --report-only."""
+    import orchestrate
+    from trainable.store.storage import Store
+
+    uri, port = s3_with_auth
+    Store.open(uri).check_writable()  # the right keys work
+    cases = {
+        "the bucket does not exist": ("s3://astcv-missing/runs", {}),
+        "access denied": (uri, {"AWS_SECRET_ACCESS_KEY": "wrong"}),
+        "the endpoint cannot be reached": (uri, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}),
+    }
+    for what, (storage, env) in cases.items():
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            for argv in (_uri_args((synth_root, tiny_ast_1024), storage, "--num-frames", "400"),
+                         ["--report-only", f"{storage}/uri"]):
+                assert orchestrate.main(argv) == 2, (what, argv[0])
+                out, err = capsys.readouterr()
+                lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+                assert len(lines) == 1 and lines[0].startswith("error: Storage") and what in lines[0], (argv[0], err)
+                assert "Running" not in out and "Traceback" not in err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

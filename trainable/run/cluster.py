@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,12 @@ def on_cluster(plan: Plan) -> Plan:
         return plan
     import ray
 
-    resources = settle_resources(plan.resources, nodes_of(ray.nodes()))
+    nodes = nodes_of(ray.nodes())
+    resources = settle_resources(plan.resources, nodes)
     config = dataclasses.replace(plan.config, torch_threads=max(1, int(resources.cpus_per_trial)))
-    return dataclasses.replace(plan, resources=resources, config=config)
+    plan = dataclasses.replace(plan, resources=resources, config=config)
+    preflight_nodes(plan, [n for n in nodes if n.fits(resources)])
+    return plan
 
 
 def project_package() -> Path:
@@ -146,3 +150,85 @@ def check_resume_address(manifest: Mapping[str, Any], address: str | None, exp_d
         raise AstCvError(f"Experiment {exp_dir} ran on the Ray cluster at --address {recorded}: pass --address again "
                          f"(that one, or the cluster's address now) to continue it there; without it the remaining "
                          f"trials would run on this machine.")
+
+
+PREFLIGHT_TIMEOUT_S = 300.0  # a node's first task sets up the shipped code (runtime_env) too
+MARKER = ".astcv-preflight-"
+
+
+def check_node(exp_dir: str, token: str, data_root: str, model: str, cache_dir: str) -> str | None:
+    """On one node: what keeps it from running trials, as one line (None when nothing): the driver's marker must be
+    readable in the experiment folder (storage every node shares) and this node's own written there; the data root
+    (its CSV and first clips), a local model folder and the cache folder must be there."""
+    import csv
+
+    from ..store.storage import Store
+
+    shared = "pass --storage-path with storage every node shares (an NFS path, or an s3:// or gs:// URI)"
+    try:
+        store = Store.open(exp_dir)
+        if store.read_text(MARKER + token) != token:
+            return f"cannot see the experiment folder {exp_dir} the driver wrote (a folder on each node's own disk?): {shared}"
+        store.write_text(f"{MARKER}{token}-{uuid.uuid4().hex[:8]}", token)
+    except (OSError, AstCvError) as exc:
+        return f"cannot write the experiment folder {exp_dir} ({' '.join(str(exc).split())[:200]}): {shared}"
+    csv_path = Path(data_root) / "metadata" / "UrbanSound8K.csv"
+    if not csv_path.is_file():
+        return f"--data-root {data_root} has no metadata/UrbanSound8K.csv on this node: put the dataset at the same path on every node"
+    with open(csv_path, newline="") as fh:
+        rows = [r for _, r in zip(range(3), csv.DictReader(fh))]
+    for r in rows:
+        clip = Path(data_root) / "audio" / f"fold{r.get('fold')}" / str(r.get("slice_file_name"))
+        if not clip.is_file():
+            return f"--data-root {data_root}: {clip} is missing on this node: put the whole dataset at the same path on every node"
+    if model.startswith("/") and not (Path(model) / "config.json").is_file():
+        return f"--model {model} is not on this node: put the model folder at the same path on every node, or pass a hub id"
+    if cache_dir:
+        try:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"--cache-dir {cache_dir} cannot be made on this node ({exc.strerror or exc}): pass one it can write"
+        if not os.access(cache_dir, os.W_OK):
+            return f"--cache-dir {cache_dir} cannot be written on this node: pass one it can write"
+    return None
+
+
+def preflight_nodes(plan: Plan, nodes: list[Node]) -> None:
+    """Run ``check_node`` on each node that can run a trial (a task pinned to it); the first problem is refused in
+    one line naming the node, before any trial starts."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex[:12]
+    plan.store.write_text(MARKER + token, token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe(*args) -> tuple[str, str | None]:
+        return this_node(), check_node(*args)
+
+    args = (plan.exp_dir, token, plan.config.data_root, plan.config.model, plan.config.feature_cache)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote(*args)
+            for n in nodes]
+    try:
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=PREFLIGHT_TIMEOUT_S)
+        if pending:
+            raise AstCvError(f"{len(pending)} node(s) of the Ray cluster did not answer the preflight within "
+                             f"{PREFLIGHT_TIMEOUT_S:g} s: check them ('ray status') or restart them.")
+        for node, problem in ray.get(done):
+            if problem:
+                raise AstCvError(f"Preflight: {node}: {problem}.")
+    finally:
+        _remove_markers(plan, token)
+
+
+def _remove_markers(plan: Plan, token: str) -> None:
+    import pyarrow.fs as pafs
+
+    store = plan.store
+    try:
+        infos = store.fs.get_file_info(pafs.FileSelector(store.path(), recursive=False))
+    except OSError:
+        return
+    for info in infos:
+        if info.base_name.startswith(MARKER + token):
+            store.delete(info.base_name)

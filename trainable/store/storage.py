@@ -141,6 +141,32 @@ def _storage_full(path: str, message: str) -> "StorageFull":
     return exc
 
 
+# Object storage errors as pyarrow (the AWS SDK for s3://, google-cloud-cpp for gs://) words them: (words, what is
+# wrong, how to fix it). Each becomes one line instead of a traceback, in a run and in --report-only.
+REMOTE_PROBLEMS = (
+    (("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist", "To create buckets"), "the bucket does not exist",
+     "create it (e.g. aws s3 mb s3://BUCKET, gcloud storage buckets create gs://BUCKET) or fix the bucket's name"),
+    (("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId", "PERMISSION_DENIED",
+      "UNAUTHENTICATED", "EXPIRED_TOKEN"), "access denied",
+     "check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE; GOOGLE_APPLICATION_CREDENTIALS "
+     "for gs://) and that they may read and write the bucket"),
+    (("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve", "UNAVAILABLE"),
+     "the endpoint cannot be reached",
+     "check the endpoint (AWS_ENDPOINT_URL, or ?endpoint_override=HOST:PORT in the URI), the region and the network"),
+)
+
+
+def remote_storage_error(exc: BaseException) -> AstCvError | None:
+    """One line for an object-storage failure (missing bucket, wrong credentials, unreachable endpoint) anywhere in
+    ``exc``'s chain, or None when it is none of those."""
+    for e in exception_chain(exc):
+        text = " ".join(str(e).split())
+        for words, what, fix in REMOTE_PROBLEMS:
+            if any(w in text for w in words):
+                return AstCvError(f"Storage: {what} ({text[:200].rstrip('. ')}). To fix: {fix}.")
+    return None
+
+
 @dataclass(frozen=True)
 class Store:
     """An experiment folder (or any folder) on a local disk or behind a URI; paths below it are relative, '/'-joined."""
@@ -283,6 +309,32 @@ class Store:
             self.fs.delete_dir(self.path(rel))
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(rel))
+
+    def check_bucket(self) -> None:
+        """On object storage, refuse in one line when the bucket does not exist (reading would only find no files)."""
+        import pyarrow.fs as pafs
+
+        bucket = self.root.split("/", 1)[0]
+        if self.local_path is None and bucket and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise AstCvError(f"Storage: the bucket does not exist ({bucket!r} of {self.location}). To fix: "
+                             f"{REMOTE_PROBLEMS[0][2]}.")
+
+    def check_writable(self) -> None:
+        """Write, read back and remove a marker file: a storage that cannot be written fails now in one line, not
+        at the manifest or a trial's first checkpoint."""
+        marker = f".astcv-write-test-{uuid.uuid4().hex[:8]}"
+        try:
+            self.write_text(marker, "ok")
+            ok = self.read_text(marker) == "ok"
+            self.delete(marker)
+        except OSError as exc:
+            problem = remote_storage_error(exc)
+            if problem is None:
+                raise AstCvError(f"Cannot write to {self.location} ({exc}). Pass --storage-path with a folder or a "
+                                 f"bucket you can write to.") from exc
+            raise problem from exc
+        if not ok:
+            raise AstCvError(f"{self.location}: a file written there did not read back. Check the storage.")
 
     def free_bytes(self) -> int | None:
         local = self.local_path
