@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from ..fit.checkpoint import SIMULATE_DISK_FULL_ENV
 from ..errors import AstCvError
+from ..store.lock import check_held
 from ..store.experiment import EPOCH, expected_trials, tensorboard_scalars, trial_dirname
 from .plan import GRID_KEYS, Plan
 from .progress import Progress, TrialView
@@ -142,6 +143,33 @@ def make_callback(plan: Plan, progress: Progress, board_name: str | None = None)
             self._failure(trial, trials, final=True)
 
     return Watch()
+
+
+def lock_guard_callback():
+    """First of the Tune callbacks: before Tune handles a result, a checkpoint or its experiment snapshot, a driver
+    that lost the experiment's lock (paused, then taken over by another run) stops (``store.lock.check_held``)."""
+    from ray import tune
+
+    class LockGuard(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            check_held()
+
+        def on_step_end(self, iteration, trials, **info):
+            check_held()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            check_held()
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            check_held()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            check_held()
+
+        def on_experiment_end(self, trials, **info):
+            check_held()
+
+    return LockGuard()
 
 
 def tensorboard_callback():
@@ -285,7 +313,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             board_actor = progress_board(board)  # held for the run: an actor without a handle is stopped
             trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir,
                                                                  board=board), plan.resources.as_ray())
-            callbacks = [make_callback(plan, progress, board), tensorboard_callback()]
+            callbacks = [lock_guard_callback(), make_callback(plan, progress, board), tensorboard_callback()]
             r = plan.resources
             print(f"Running {plan.trials} trials ({describe_grid(plan.grid)}), {r.cpus_per_trial:g} CPU + "
                   f"{r.gpus_per_trial:g} GPU each, into {plan.exp_dir}", flush=True)
