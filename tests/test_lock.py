@@ -177,7 +177,7 @@ def _dead_pid() -> int:
 def test_without_flock_contenders_on_a_stale_lock_never_both_hold_it(tmp_path):
     env = {**os.environ, NO_FLOCK_ENV: "1"}
     dead, outcomes = _dead_pid(), []
-    for i in range(20):  # the lock before this one let two of three hold it in 7 of 20 such tries
+    for i in range(20):  # the lock before this one, its flock failing as ENOLCK: two held it in 3 of 20 tries
         folder, go, release = tmp_path / f"exp{i}", tmp_path / f"go{i}", tmp_path / f"release{i}"
         write_lock(folder, pid=dead, host=socket.gethostname())
         code = CONTEND.format(root=str(ROOT), go=str(go), folder=str(folder), release=str(release))
@@ -191,3 +191,71 @@ def test_without_flock_contenders_on_a_stale_lock_never_both_hold_it(tmp_path):
         outcomes.append(said)
         assert any("flock) are not available" in e and "O_EXCL marker" in e for e in errs)
     assert outcomes == [["held", "refused", "refused"]] * 20
+
+
+# ---------------------------------------------------------------- item 2: a paused holder, real orchestrators
+def _files(exp: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the experiment but the lock's own, with its size and modification time."""
+    return {str(p.relative_to(exp)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(exp.rglob("*"))
+            if p.is_file() and not p.name.startswith(".astcv.lock")}
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_a_paused_holder_that_lost_the_lock_stops_at_once_and_writes_nothing(demo_assets, tmp_path):
+    import signal
+
+    from test_orchestrate import run_args
+
+    refresh_s = 2.0
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "ASTCV_LOCK_REFRESH_S": str(refresh_s),
+           "ASTCV_LOCK_STALE_S": "3"}
+    command = [sys.executable, "orchestrate.py", *run_args(demo_assets, tmp_path, "paused", "--test-folds", "1",
+                                                            "--lrs", "1e-3", "--batch-sizes", "8")]
+    exp, logs = tmp_path / "paused", {n: tmp_path / f"{n}.log" for n in "AB"}
+
+    def start(name):
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=logs[name].open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def holder():
+        return json.loads((exp / LOCK).read_text())["pid"] if (exp / LOCK).is_file() else None
+
+    a = start("A")
+    b = None
+    try:
+        wait_for(lambda: list(exp.glob("fold*/checkpoint_*/trainer_state.json")) or a.poll() is not None, 240,
+                 "A's first checkpoint")
+        assert a.poll() is None, logs["A"].read_text()
+        os.killpg(a.pid, signal.SIGSTOP)  # a laptop lid, a frozen VM: the driver, Ray and the trials
+        b = start("B")
+        wait_for(lambda: holder() == b.pid or b.poll() is not None, 120, "B taking the lock over")
+        os.killpg(b.pid, signal.SIGSTOP)  # hold B still, so that anything written now is A's
+        before = _files(exp)
+        os.killpg(a.pid, signal.SIGCONT)
+        woke = time.monotonic()
+        rc = a.wait(timeout=60)
+        took = time.monotonic() - woke
+        wait_for(lambda: _group_gone(a.pid), 30, "A's Ray processes gone")
+        assert _files(exp) == before, "A wrote after waking"
+        os.killpg(b.pid, signal.SIGCONT)
+        assert b.wait(timeout=300) == 0, logs["B"].read_text()
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    out = logs["A"].read_text()
+    assert rc == 2 and took < refresh_s, (rc, took, out)
+    assert out.count("lost the lock of") == 1 and f"to pid {b.pid} on {socket.gethostname()}" in out, out
+    assert "taking over the lock" in logs["B"].read_text()
+    assert json.loads((exp / "summary.json").read_text())["complete"]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr

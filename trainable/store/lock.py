@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -86,6 +87,7 @@ class ExperimentLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._losing = threading.Lock()
+        self._previous_sigcont: Any = None
         self.lost = False
 
     # ---------------------------------------------------------------- files
@@ -251,18 +253,28 @@ class ExperimentLock:
                     self._lose(state)
                 return
 
+    def _on_continue(self, signum, frame) -> None:
+        """SIGCONT (a stopped process continued): check the hold before the main thread runs on to its next write."""
+        if _active is self:
+            with contextlib.suppress(LockLost):
+                self.check()
+
     def __enter__(self) -> "ExperimentLock":
         global _active
         self.acquire()
         _active = self
         self._thread = threading.Thread(target=self._refresh_loop, name="astcv-lock", daemon=True)
         self._thread.start()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigcont = signal.signal(signal.SIGCONT, self._on_continue) or signal.SIG_DFL
         return self
 
     def __exit__(self, *exc) -> None:
         global _active
         if _active is self:
             _active = None
+        if self._previous_sigcont is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCONT, self._previous_sigcont)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
