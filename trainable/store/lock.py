@@ -132,7 +132,7 @@ class ExperimentLock:
         return f"its process ({describe(held)}) {why}" if why and held else None
 
     def _fresh_here(self, held: dict[str, Any] | None) -> bool:
-        """A live process of this host, not stopped, that refreshed the lock within ``stale_s`` (this host's one clock)."""
+        """A live process of this host, not stopped, that refreshed the lock within ``stale_s`` (one clock here)."""
         if not held or held.get("host") != self.record["host"]:
             return False
         if isinstance(held.get("pid"), int) and stopped(held["pid"]):
@@ -245,7 +245,8 @@ class ExperimentLock:
             try:
                 state = self._refresh_once()
             except Exception as exc:  # a full disk, a flaky mount: never die silently, try again next time
-                log.warning("could not refresh the lock %s (%s); trying again in %.0f s", self.path, exc, self.refresh_s)
+                log.warning("could not refresh the lock %s (%s); trying again in %.0f s", self.path, exc,
+                            self.refresh_s)
                 continue
             last = time.monotonic()
             if state is not True:

@@ -64,7 +64,8 @@ def boot_id() -> str | None:
 
 def identity() -> dict[str, Any]:
     """This process as a lock records it."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": proc_start(os.getpid()), "boot_id": boot_id()}
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "proc_start": proc_start(pid), "boot_id": boot_id()}
 
 
 def gone(held: dict[str, Any] | None) -> str | None:
