@@ -14,7 +14,7 @@ import pytest
 
 from trainable.errors import AstCvError
 from trainable.store.lock import LOCK, ExperimentLock, LockLost
-from trainable.store.mutex import NO_FLOCK_ENV, proc_start
+from trainable.store.mutex import NO_FLOCK_ENV, proc_start, stopped
 from trainable.store.storage import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +194,51 @@ def test_without_flock_contenders_on_a_stale_lock_never_both_hold_it(tmp_path):
     assert outcomes == [["held", "refused", "refused"]] * 20
 
 
+# ---------------------------------------------------------------- item 2: a paused holder, real processes
+HOLD_AND_WRITE = """
+import itertools, sys, time
+sys.path.insert(0, {root!r})
+from trainable.store.lock import ExperimentLock
+from trainable.store.storage import Store
+with ExperimentLock({folder!r}):
+    print("held", flush=True)
+    for i in itertools.count():  # a trainer writing into the experiment
+        Store.of({folder!r}).write_text(f"written/{{i:06d}}", "x")
+        time.sleep(0.02)
+"""
+
+
+@pytest.mark.slow
+def test_a_paused_writer_that_lost_the_lock_exits_on_waking_without_another_write(tmp_path):
+    import signal
+
+    refresh_s = 2.0
+    env = {**os.environ, "ASTCV_LOCK_REFRESH_S": str(refresh_s), "ASTCV_LOCK_STALE_S": "1"}
+    code = HOLD_AND_WRITE.format(root=str(ROOT), folder=str(tmp_path))
+    a = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        assert a.stdout.readline().strip() == "held"
+        wait_for(lambda: len(list(tmp_path.glob("written/*"))) > 3, 30, "A writing")
+        os.killpg(a.pid, signal.SIGSTOP)
+        wait_for(lambda: stopped(a.pid), 10, "A stopped")
+        with ExperimentLock(tmp_path, refresh_s=60, on_lost=lambda m: None, stale_s=1.0) as b:  # takes it over
+            written = sorted((tmp_path / "written").iterdir())
+            os.killpg(a.pid, signal.SIGCONT)
+            woke = time.monotonic()
+            rc = a.wait(timeout=30)
+            took = time.monotonic() - woke
+            assert sorted((tmp_path / "written").iterdir()) == written, "A wrote after waking"  # before: it wrote on
+            assert b.holds()
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+        a.wait()
+    err = a.stderr.read()
+    assert rc == 2 and took < refresh_s, (rc, took, err)
+    assert err.count("lost the lock of") == 1 and f"to pid {os.getpid()} on {socket.gethostname()}" in err, err
+
+
 # ---------------------------------------------------------------- item 2: a paused holder, real orchestrators
 def _files(exp: Path) -> dict[str, tuple[int, int]]:
     """Every file of the experiment but the lock's own, with its size and modification time."""
@@ -240,6 +285,7 @@ def test_a_paused_holder_that_lost_the_lock_stops_at_once_and_writes_nothing(dem
                  "A's first checkpoint")
         assert a.poll() is None, logs["A"].read_text()
         os.killpg(a.pid, signal.SIGSTOP)  # a laptop lid, a frozen VM: the driver, Ray and the trials
+        wait_for(lambda: stopped(a.pid), 10, "A stopped")
         b = start("B")
         wait_for(lambda: holder() == b.pid or b.poll() is not None, 120, "B taking the lock over")
         os.killpg(b.pid, signal.SIGSTOP)  # hold B still, so that anything written now is A's
