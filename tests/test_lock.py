@@ -259,6 +259,8 @@ def _group_gone(pgid: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ASTCV_LOCK_E2E") != "1", reason="three real orchestrator runs (~100 s on 2 busy "
+                    "cores, over this file's share of the suite): ASTCV_LOCK_E2E=1 runs it")
 def test_a_paused_holder_that_lost_the_lock_stops_at_once_and_writes_nothing(demo_assets, tmp_path):
     import signal
 

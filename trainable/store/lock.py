@@ -240,7 +240,7 @@ class ExperimentLock:
         last = time.monotonic()
         while not self._stop.wait(self.refresh_s):
             if time.monotonic() - last > self.refresh_s + max(self.refresh_s, 2.0):
-                log.warning("the lock's refresh was paused for %.0f s (a suspended machine or process)",
+                log.info("the lock's refresh was paused for %.0f s (a suspended machine or process)",
                             time.monotonic() - last)
             try:
                 state = self._refresh_once()
