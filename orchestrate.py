@@ -40,9 +40,9 @@ Face format). Before the first trial the run prints the disk it needs and refuse
 Watch training with:  tensorboard --logdir STORAGE/NAME
 Re-running the same command (or --resume with --storage-path and --name only) continues an interrupted experiment:
 finished trials are not rerun, running ones continue from their last epoch checkpoint; on a finished experiment it
-only rewrites the report. One orchestrator at a time per experiment folder (a lock not refreshed for 2 minutes is
-taken over; --wait-for-lock waits for that). Exit status: 0 done, 1 trials failed or unfinished, 2 a mistake to fix
-(one line says what), 130 interrupted.
+only rewrites the report. One orchestrator at a time per experiment folder (a lock that a new run watches unchanged
+for 2 minutes is taken over, --wait-for-lock waits for that; the run that lost it stops with exit status 2). Exit
+status: 0 done, 1 trials failed or unfinished, 2 a mistake to fix (one line says what), 130 interrupted.
 """
 
 

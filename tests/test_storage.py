@@ -249,26 +249,18 @@ def _write_lock(folder: Path, host: str, age_s: float, pid: int = 4242) -> None:
                                            "command": ["orchestrate.py", "--gpus", "1"], "refreshed": time.time() - age_s}))
 
 
-def test_a_reconnect_from_another_host_takes_over_once_the_lock_has_aged(tmp_path, caplog):
-    _write_lock(tmp_path, "colab-vm-that-went-away", age_s=10)
-    with pytest.raises(AstCvError) as refused:
-        ExperimentLock(tmp_path).acquire()
-    assert "colab-vm-that-went-away" in str(refused.value) and "run the same command again in 1" in str(refused.value)
-    _write_lock(tmp_path, "colab-vm-that-went-away", age_s=300)
+def test_a_reconnect_from_another_host_takes_over_once_the_lock_has_not_changed(tmp_path, caplog):
+    _write_lock(tmp_path, "colab-vm-that-went-away", age_s=10)  # its age on the holder's clock does not count
     with caplog.at_level("WARNING"):
-        with ExperimentLock(tmp_path):
+        with ExperimentLock(tmp_path, stale_s=0.5):
             assert json.loads((tmp_path / LOCK).read_text())["host"] == socket.gethostname()
-    assert "colab-vm-that-went-away" in caplog.text and "not refreshed it for 30" in caplog.text
+    assert "colab-vm-that-went-away" in caplog.text and "did not refresh it for 0 s watched on this machine" in caplog.text
     assert not (tmp_path / LOCK).exists()
 
 
 def test_an_empty_lock_follows_the_same_staleness_rule(tmp_path, caplog):
     (tmp_path / LOCK).write_text("")
-    with pytest.raises(AstCvError, match="empty or garbled"):
-        ExperimentLock(tmp_path).acquire()
-    old = time.time() - 300
-    os.utime(tmp_path / LOCK, (old, old))
-    with caplog.at_level("WARNING"), ExperimentLock(tmp_path):
+    with caplog.at_level("WARNING"), ExperimentLock(tmp_path, stale_s=0.5):
         pass
     assert "empty or garbled" in caplog.text
 

@@ -24,6 +24,7 @@ from ..errors import AstCvError
 from ..store.experiment import EPOCH, expected_trials, trial_dirname
 from .cluster import NodeProblem, code_env, on_cluster
 from .live import syncs_artifacts
+from ..store.lock import check_held
 from .plan import GRID_KEYS, Plan
 from .progress import Progress, TrialView
 from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
@@ -167,6 +168,33 @@ def make_callback(plan: Plan, progress: Progress, board_name: str | None = None)
     return Watch()
 
 
+def lock_guard_callback():
+    """First of the Tune callbacks: before Tune handles a result, a checkpoint or its experiment snapshot, a driver
+    that lost the experiment's lock (paused, then taken over by another run) stops (``store.lock.check_held``)."""
+    from ray import tune
+
+    class LockGuard(tune.Callback):
+        def on_step_begin(self, iteration, trials, **info):
+            check_held()
+
+        def on_step_end(self, iteration, trials, **info):
+            check_held()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            check_held()
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            check_held()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            check_held()
+
+        def on_experiment_end(self, trials, **info):
+            check_held()
+
+    return LockGuard()
+
+
 def tensorboard_callback():
     """In place of Ray's TensorBoard logger (which logs its internal counters too), one that writes nothing: each trial
     writes its own events, per step while an epoch runs (``trainable.fit.curves``), into its folder. A
@@ -302,7 +330,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             board_actor = progress_board(board)  # held for the run: an actor without a handle is stopped
             trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir,
                                                                  board=board), plan.resources.as_ray())
-            callbacks = [make_callback(plan, progress, board), tensorboard_callback()]
+            callbacks = [lock_guard_callback(), make_callback(plan, progress, board), tensorboard_callback()]
             r = plan.resources
             left = f"{plan.trials - len(plan.finished)} of {plan.trials} trials ({len(plan.finished)} finished earlier; " \
                 if plan.finished else f"{plan.trials} trials ("

@@ -1,14 +1,20 @@
 """One orchestrator per experiment folder: a lock file that its holder refreshes, taken over when it goes stale.
 
-The lock file records pid, host, start time, command and ``refreshed`` (the holder rewrites it every
-``REFRESH_S``). A lock is stale when it was not refreshed for ``STALE_S`` (on any host: a Colab VM that disconnected
-never comes back, and its successor has another hostname), or at once when its pid is dead on this host. An empty or
-garbled lock (a write cut short) follows the same rule, by the file's modification time. A stale lock is taken over
-with a warning naming the old holder.
+The lock file records the holder (pid, host, the process's start time, a token), its command, and a refresh counter
+that the holder bumps every ``REFRESH_S``. Staleness is judged on the reader's own clock only: a lock is stale when
+its content has not changed for ``STALE_S`` while the reader watched it (a monotonic clock), never by comparing the
+holder's timestamps with the reader's clock (the two machines' clocks may disagree by minutes). On this host a lock
+whose process is gone (or whose pid now belongs to another process) is stale at once, and one of a live process
+that refreshes it is the user's own earlier command. Any unreadable lock (empty, cut short, not UTF-8) is garbled:
+stale after the same watch, never a crash.
 
-Taking over is race-free: every change of the lock file (create, take over, refresh, release) happens under an
-exclusive ``flock`` of a guard file beside it, which the kernel drops when a process dies, and the new lock is
-created with O_EXCL. Two processes never both hold the lock.
+Every change of the lock file (create, take over, refresh, release) happens under a mutex: an exclusive ``flock``
+of a guard file beside it, or, where the filesystem has no ``flock`` (ENOLCK on some network filesystems), an
+O_EXCL marker file. Two processes never both hold the lock.
+
+A holder that finds the lock is no longer its own (it was paused for longer than ``STALE_S`` and another run took
+over) stops at once, before its next write: one line, its child processes killed, exit status 2. The refresh
+thread checks at every refresh, and the writers (the Tune callbacks, the reducer) call ``check_held()`` first.
 """
 
 from __future__ import annotations
@@ -17,47 +23,40 @@ import contextlib
 import json
 import logging
 import os
-import socket
+import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 from ..errors import AstCvError
+from .mutex import gone, identity, kill_descendants, mutex, stopped
 
 log = logging.getLogger(__name__)
 
 LOCK = ".astcv.lock"
-GUARD = ".astcv.lock.guard"
-REFRESH_S = 30.0
-STALE_S = 120.0
+REFRESH_S = float(os.environ.get("ASTCV_LOCK_REFRESH_S", 10.0))
+STALE_S = float(os.environ.get("ASTCV_LOCK_STALE_S", 120.0))
+LOST_EXIT = 2
+_active: "ExperimentLock | None" = None  # the lock this process holds, for check_held()
 
 
-def _alive(pid: int) -> bool:
+def stop_process(message: str) -> None:
+    """What a holder that lost its lock does: one line on stderr, its child processes killed, exit at once."""
+    os.write(2, f"error: {message}\n".encode())
+    kill_descendants()
+    os._exit(LOST_EXIT)
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """The lock's record, or None when it is garbled (empty, cut short, not UTF-8, not a JSON object)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def _guard(folder: Path) -> Iterator[None]:
-    """Exclusive flock of the guard file (where the filesystem has no flock, O_EXCL alone protects the create)."""
-    import fcntl
-
-    fd = os.open(folder / GUARD, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:  # e.g. ENOLCK on some network filesystems
-            log.debug("no flock on %s (%s)", folder, exc)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
+        held = json.loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return held if isinstance(held, dict) else None
 
 
 def describe(held: dict[str, Any]) -> str:
@@ -66,118 +65,229 @@ def describe(held: dict[str, Any]) -> str:
     return f"pid {held.get('pid')} on host {held.get('host')}, started {held.get('started', '?')}: {command}"
 
 
-class ExperimentLock:
-    """``with ExperimentLock(exp_dir):`` holds the experiment folder for one orchestrator and refreshes the hold."""
+class LockLost(AstCvError):
+    """This process no longer holds the experiment's lock: another orchestrator took it over."""
 
-    def __init__(self, exp_dir: str | Path, command: list[str] | None = None, refresh_s: float = REFRESH_S,
-                 stale_s: float = STALE_S):
+
+class ExperimentLock:
+    """``with ExperimentLock(exp_dir):`` holds the experiment folder for one orchestrator and refreshes the hold.
+
+    ``on_lost(message)`` is called when the hold is found lost; the default stops the process (``stop_process``).
+    """
+
+    def __init__(self, exp_dir: str | Path, command: list[str] | None = None, refresh_s: float | None = None,
+                 stale_s: float | None = None, on_lost: Callable[[str], None] = stop_process):
         self.folder = Path(exp_dir)
         self.path = self.folder / LOCK
-        self.refresh_s, self.stale_s = refresh_s, stale_s
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       "command": command or sys.argv, "refreshed": time.time()}
+        self.refresh_s = REFRESH_S if refresh_s is None else refresh_s
+        self.stale_s = STALE_S if stale_s is None else stale_s
+        self.record = {**identity(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "token": uuid.uuid4().hex,
+                       "command": command or sys.argv, "refreshed": time.time(), "count": 0}
+        self.on_lost = on_lost
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._losing = threading.Lock()
+        self._previous_sigcont: Any = None
         self.lost = False
 
-    # ---------------------------------------------------------------- reading
-    def _read(self) -> tuple[dict[str, Any] | None, float]:
-        """(the lock's record, or None if it is empty or garbled; when it was last refreshed)."""
+    # ---------------------------------------------------------------- files
+    def _read(self) -> bytes | None:
+        """The lock file's bytes, None when there is no lock file."""
         try:
-            text, mtime = self.path.read_text(), self.path.stat().st_mtime
+            return self.path.read_bytes()
         except FileNotFoundError:
-            return {}, 0.0
+            return None
+
+    def _ours(self, held: dict[str, Any] | None) -> bool:
+        return bool(held) and held.get("token") == self.record["token"]
+
+    def _write(self, create: bool) -> bool:
+        """Write our record (a whole file at once); ``create``: only if there is no lock file (False if there is)."""
+        self.record["refreshed"], self.record["count"] = time.time(), self.record["count"] + 1
+        tmp = self.path.with_name(f"{LOCK}.{self.record['token']}.tmp")
+        tmp.write_text(json.dumps(self.record))
         try:
-            held = json.loads(text)
-            if not isinstance(held, dict):
-                raise ValueError
-        except ValueError:
-            return None, mtime
-        return held, float(held.get("refreshed", mtime))
+            if not create:
+                os.replace(tmp, self.path)
+                return True
+            try:
+                os.link(tmp, self.path)  # atomic and exclusive: a reader never sees a half-written lock
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links
+                if self.path.exists():
+                    return False
+                os.replace(tmp, self.path)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def _stale(self, held: dict[str, Any] | None, refreshed: float) -> str | None:
-        """Why the lock may be taken over, or None if its holder may still run."""
-        age = time.time() - refreshed
-        if held is None:
-            return (f"the lock file is empty or garbled (a write cut short) and was last changed {age:.0f} s ago"
-                    if age > self.stale_s else None)
-        pid, host = held.get("pid"), held.get("host")
-        if host == self.record["host"] and isinstance(pid, int) and not _alive(pid):
-            return f"its process ({describe(held)}) no longer runs"
-        if age > self.stale_s:
-            return f"its holder ({describe(held)}) has not refreshed it for {age:.0f} s (a machine that went away)"
-        return None
+    def _mutex(self):
+        return mutex(self.folder, self.stale_s)
 
-    def _write(self, exclusive: bool) -> None:
-        self.record["refreshed"] = time.time()
-        data = json.dumps(self.record)
-        if exclusive:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(data)
-            return
-        tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
-        tmp.write_text(data)
-        os.replace(tmp, self.path)
+    # ---------------------------------------------------------------- judging
+    def _dead(self, held: dict[str, Any] | None) -> str | None:
+        """Why the holder surely no longer runs (on this host only), else None."""
+        why = gone(held)
+        return f"its process ({describe(held)}) {why}" if why and held else None
+
+    def _fresh_here(self, held: dict[str, Any] | None) -> bool:
+        """A live process of this host, not stopped, that refreshed the lock within ``stale_s`` (one clock here)."""
+        if not held or held.get("host") != self.record["host"]:
+            return False
+        if isinstance(held.get("pid"), int) and stopped(held["pid"]):
+            return False
+        try:
+            changed = max(float(held.get("refreshed", 0)), self.path.stat().st_mtime)
+        except (OSError, TypeError, ValueError):
+            return False
+        return time.time() - changed < self.stale_s
+
+    def _watch(self, raw: bytes) -> tuple[bytes | None, bool]:
+        """Watch the lock for ``stale_s`` on this process's monotonic clock: (its content now, whether it changed)."""
+        deadline = time.monotonic() + self.stale_s
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, max(self.stale_s / 20, 0.05), 1.0))
+            now = self._read()
+            if now != raw:
+                return now, True
+        return raw, False
 
     # ---------------------------------------------------------------- taking
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with _guard(self.folder):
-            held, refreshed = self._read()
-            if held == {}:  # no lock
-                self._write(exclusive=True)
-                return
-            why = self._stale(held, refreshed)
+        while True:
+            raw = self._read()
+            if raw is None:
+                with self._mutex():
+                    if self._write(create=True):
+                        return
+                continue
+            held = _parse(raw)
+            why = self._dead(held)
             if why is None:
-                self._refuse(held, refreshed)
-            log.warning("taking over the lock %s: %s", self.path, why)
-            self.path.unlink(missing_ok=True)
-            self._write(exclusive=True)
+                if self._fresh_here(held):
+                    self._refuse(held, watched=False)
+                log.warning("%s is locked by %s; watching the lock for %.0f s: it is taken over if it does not "
+                            "change", self.folder, describe(held) if held else "an unreadable lock file", self.stale_s)
+                now, changed = self._watch(raw)
+                if changed:
+                    if now is None:  # released meanwhile: take it
+                        continue
+                    self._refuse(_parse(now), watched=True)
+                why = (f"its holder ({describe(held)}) did not refresh it" if held else "it is empty or garbled (a "
+                       "write cut short)") + f" for {self.stale_s:.0f} s watched on this machine's clock"
+            if self._take_over(raw, why):
+                return
 
-    def _refuse(self, held: dict[str, Any] | None, refreshed: float) -> None:
-        age = time.time() - refreshed
-        wait = max(self.stale_s - age, 0)
-        if held is None:
-            raise AstCvError(
-                f"Experiment {self.folder} has a lock file that is empty or garbled, changed {age:.0f} s ago: another "
-                f"orchestrator may be starting. If none is, run the same command again in {wait:.0f} s (a lock not "
-                f"refreshed for {self.stale_s:.0f} s is taken over), or pass --name NEW.")
-        same_host = held.get("host") == self.record["host"]
-        raise AstCvError(
-            f"Experiment {self.folder} is being run by another orchestrator ({describe(held)}; refreshed {age:.0f} s "
-            f"ago). Wait for it to finish, or pass --name NEW for a separate experiment."
-            + ("" if same_host else f" If that machine is gone (a disconnected Colab VM), run the same command again in "
-                                    f"{wait:.0f} s: a lock not refreshed for {self.stale_s:.0f} s is taken over."))
+    def _take_over(self, raw: bytes, why: str) -> bool:
+        with self._mutex():
+            if self._read() != raw:  # another run was quicker, or the holder came back
+                return False
+            log.warning("taking over the lock %s: %s", self.path, why)
+            return self._write(create=False)
+
+    def _refuse(self, held: dict[str, Any] | None, watched: bool) -> None:
+        if not held:
+            raise AstCvError(f"Experiment {self.folder} has a lock file that another process keeps rewriting: another "
+                             f"orchestrator is starting. Wait for it, or pass --name NEW for a separate experiment.")
+        pid = held.get("pid")
+        if held.get("host") == self.record["host"] and not self._dead(held):
+            raise AstCvError(f"{self.folder} is being run by your earlier command (pid {pid} on this machine, "
+                             f"{held.get('host')}, started {held.get('started', '?')}): stop it with `kill {pid}` or "
+                             f"wait for it to finish (or pass --name NEW for a separate experiment).")
+        seen = f"its lock changed while this run watched it for up to {self.stale_s:.0f} s" if watched else "it runs"
+        raise AstCvError(f"Experiment {self.folder} is being run by another orchestrator ({describe(held)}): {seen}. "
+                         f"Wait for it to finish, or pass --name NEW for a separate experiment.")
+
+    # ---------------------------------------------------------------- holding
+    def holds(self) -> bool:
+        """Whether the lock file still names this holder (True when it cannot be read at the moment)."""
+        try:
+            raw = self._read()
+        except OSError:
+            return True
+        held = _parse(raw) if raw is not None else {}
+        return held is None or self._ours(held)
+
+    def check(self) -> None:
+        """Stop (``on_lost``) if the lock is no longer ours; call before each write into the experiment."""
+        if not self.lost and self.holds():
+            return
+        raw = self._read()
+        self._lose(_parse(raw) if raw is not None else None)
+
+    def _lose(self, held: dict[str, Any] | None) -> None:
+        with self._losing:
+            self.lost = True
+            who = f"pid {held.get('pid')} on {held.get('host')}" if held else "another run (the lock file is gone)"
+            message = f"lost the lock of {self.folder} to {who}: stopping, nothing more is written"
+            log.debug(message)
+            self.on_lost(message)
+            raise LockLost(message)
+
+    def _refresh_once(self) -> dict[str, Any] | None | bool:
+        """Refresh our lock; True if done, else the record that replaced ours (None: no lock file)."""
+        with self._mutex():
+            raw = self._read()
+            held = _parse(raw) if raw is not None else None
+            if raw is None or (held is not None and not self._ours(held)):
+                return held
+            self._write(create=False)  # ours, or garbled under our hold (nobody else writes it): rewrite
+            return True
 
     def _refresh_loop(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.refresh_s):
+            if time.monotonic() - last > self.refresh_s + max(self.refresh_s, 2.0):
+                log.info("the lock's refresh was paused for %.0f s (a suspended machine or process)",
+                            time.monotonic() - last)
             try:
-                with _guard(self.folder):
-                    held, _ = self._read()
-                    if not held or held.get("pid") != self.record["pid"] or held.get("host") != self.record["host"]:
-                        self.lost = True
-                        log.error("lost the lock %s to %s: another orchestrator took this experiment over",
-                                  self.path, describe(held) if held else "nobody")
-                        return
-                    self._write(exclusive=False)
-            except OSError as exc:  # a full disk or a flaky mount: try again next time
-                log.debug("could not refresh %s: %s", self.path, exc)
+                state = self._refresh_once()
+            except Exception as exc:  # a full disk, a flaky mount: never die silently, try again next time
+                log.warning("could not refresh the lock %s (%s); trying again in %.0f s", self.path, exc,
+                            self.refresh_s)
+                continue
+            last = time.monotonic()
+            if state is not True:
+                with contextlib.suppress(LockLost):
+                    self._lose(state)
+                return
+
+    def _on_continue(self, signum, frame) -> None:
+        """SIGCONT (a stopped process continued): check the hold before the main thread runs on to its next write."""
+        if _active is self:
+            with contextlib.suppress(LockLost):
+                self.check()
 
     def __enter__(self) -> "ExperimentLock":
+        global _active
         self.acquire()
+        _active = self
         self._thread = threading.Thread(target=self._refresh_loop, name="astcv-lock", daemon=True)
         self._thread.start()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigcont = signal.signal(signal.SIGCONT, self._on_continue) or signal.SIG_DFL
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active
+        if _active is self:
+            _active = None
+        if self._previous_sigcont is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCONT, self._previous_sigcont)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        try:
-            with _guard(self.folder):
-                held, _ = self._read()
-                if held and held.get("pid") == self.record["pid"] and held.get("host") == self.record["host"]:
-                    self.path.unlink()
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), self._mutex():
+            raw = self._read()
+            if raw is not None and self._ours(_parse(raw)):
+                self.path.unlink()
+
+
+def check_held() -> None:
+    """Before a write into the experiment: stop if this process held its lock and lost it (no-op without a lock)."""
+    if _active is not None:
+        _active.check()
+
+

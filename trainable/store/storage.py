@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import AstCvError
+from .lock import check_held
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
@@ -235,6 +236,7 @@ class Store:
         self.write_bytes(rel, text.encode())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        check_held()  # a holder that lost the experiment's lock stops before writing
         local = self.local_path
         try:
             if local is not None:
@@ -279,6 +281,7 @@ class Store:
         renamed into place, so readers see the old folder or the new one, never half of one."""
         import pyarrow.fs as pafs
 
+        check_held()
         local = self.local_path
         try:
             if local is not None:
@@ -302,6 +305,7 @@ class Store:
 
     def delete(self, rel: str) -> None:
         """Remove the folder or file ``rel`` if it is there."""
+        check_held()
         info = self._info(rel)
         import pyarrow.fs as pafs
 
