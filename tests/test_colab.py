@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "examples" / "colab.ipynb"
 
 RUNNER = r'''
-import json, os, signal, sys, time
+import json, os, signal, sys, threading, time
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -55,13 +55,15 @@ def groups_of_children():
     return sorted({g for _, ppid, g in processes() if ppid == os.getpid()})
 
 
-class Stopper:  # presses Stop (the kernel gets SIGINT) once the cell's output shows ``trigger``
-    def __init__(self, stream, trigger, step):
-        self.stream, self.trigger, self.step, self.seen = stream, trigger, step, ""
+class Watcher:  # the cell's output as it comes: Stop pressed (the kernel gets SIGINT) once it shows ``stop_on``
+    def __init__(self, stream, step, waiting):
+        self.stream, self.step, self.waiting, self.trigger, self.seen = stream, step, waiting, step.get("stop_on"), ""
 
     def write(self, text):
         self.stream.write(text)
         self.seen = (self.seen + text)[-2000:]
+        if "Waiting for the lock" in self.seen:
+            self.waiting.set()
         if self.trigger and self.trigger in self.seen:
             self.trigger = None
             self.step["stopped_groups"] = groups_of_children()
@@ -72,17 +74,27 @@ class Stopper:  # presses Stop (the kernel gets SIGINT) once the cell's output s
         return getattr(self.stream, name)
 
 
+def lost_vm(path, waiting):
+    """A VM holding the lock, refreshing it, until the orchestrator is seen waiting for it: then it disconnects."""
+    lock = {"pid": 4242, "host": "lost-colab-vm", "started": "earlier", "command": ["python", "orchestrate.py"]}
+    while True:
+        open(path + ".tmp", "w").write(json.dumps({**lock, "refreshed": time.time()}))
+        os.replace(path + ".tmp", path)
+        if waiting.wait(0.3):
+            return
+
+
 code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
 code[0] += "\n" + "\n".join(f"{k} = {v!r}" for k, v in settings.items())  # the settings cell, as the user fills it in
 for step in steps:
-    if step.get("lost_lock"):  # a disconnected VM's lock, refreshed just now: stale only after ASTCV_LOCK_STALE_S
-        lock = {"pid": 4242, "host": "lost-colab-vm", "started": "earlier", "command": ["python", "orchestrate.py"],
-                "refreshed": time.time()}
-        open(step["lost_lock"], "w").write(json.dumps(lock))
+    waiting = threading.Event()
+    if step.get("lost_lock"):  # the VM that held the lock disconnects once the cell waits for it
+        threading.Thread(target=lost_vm, args=(step["lost_lock"], waiting), daemon=True).start()
     print(f"=== cell {step['cell']}", flush=True)
-    sys.stdout = Stopper(sys.__stdout__, step.get("stop_on"), step)
+    sys.stdout = Watcher(sys.__stdout__, step, waiting)
     result = shell.run_cell(code[step["cell"]])
     sys.stdout = sys.__stdout__
+    waiting.set()
     step["error"] = type(result.error_in_exec).__name__ if result.error_in_exec else None
     report["steps"].append(step)
     if step.get("stop_on"):  # right after the cell: nothing of the run's process group may be left
@@ -158,7 +170,7 @@ def test_notebook_runs_top_to_bottom_on_the_demo_and_recovers_from_a_stop_and_a_
         (tmp_path / f"{name}.json").write_text(json.dumps(value))
     (tmp_path / "runner.py").write_text(RUNNER)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "stub"), "PIP_PREFIX": str(tmp_path / "prefix"),
-           "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ASTCV_LOCK_STALE_S": "6"}
+           "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ASTCV_LOCK_STALE_S": "3"}
     run = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(NOTEBOOK), *(str(tmp_path / f"{n}.json")
                           for n in ("settings", "steps")), str(tmp_path / "report.json")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -173,7 +185,8 @@ def test_notebook_runs_top_to_bottom_on_the_demo_and_recovers_from_a_stop_and_a_
     stop = report["steps"][grid]
     assert stop["error"] == "KeyboardInterrupt" and stop["stopped_groups"] and stop["groups_alive"] == [], stop
     assert "Stopped." in stopped
-    assert "Waiting for the lock" in again and "giving up in" in again and "Resuming" in again, again[-3000:]
+    assert "Waiting for the lock" in again and "giving up in" in again, again[-3000:]
+    assert "taking over the lock" in again and "lost-colab-vm" in again and "Resuming" in again, again[-3000:]
     assert "is complete (1 of 1 trials finished)" in resumed
     assert not any(s in resumed for s in ("Disk:", "Running ", "Resuming")), resumed  # no Ray started
     smoke = json.loads((runs / "smoke" / "astcv_run.json").read_text())

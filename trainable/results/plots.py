@@ -22,12 +22,12 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 HATCHES = ("//", "\\\\", "..", "xx", "--", "||", "++", "oo")
 LINESTYLES = ("-", "--", ":", "-.")
 CAPTIONS = {
-    "fold_accuracy": "Test accuracy per test fold and config at each fold's best-validation epoch; the last group is "
-                     "the mean over folds (error bar: ± sample std).",
+    "fold_accuracy": "Test accuracy per test fold and config at each fold's best-validation epoch; with several "
+                     "folds the last group is the mean over folds (error bar: ± sample std).",
     "learning_curves": "Accuracy per epoch, mean over test folds (band: ± sample std over folds); top: validation "
                        "fold, bottom: test fold.",
-    "confusion_matrix": "Confusion matrix of the nested selection, summed over test folds, as % of each true class "
-                        "(rows).",
+    "confusion_matrix": "Confusion matrix of the nested selection, summed over test folds: each cell is the % of its "
+                        "true class (row) predicted as its column (the counts are in the report's table).",
     "per_class_accuracy": "Test accuracy per class (nested selection, summed over test folds); dashed: the overall "
                           "nested mean.",
 }
@@ -69,16 +69,20 @@ def fold_accuracy(summary: dict[str, Any]):
     fig, ax = _figure(2.2 + 0.16 * len(configs))
     n = max(1, len(configs))
     width = 0.8 / n
+    with_mean = any(c["std"] is not None for c in configs)  # a mean of one fold would repeat its bar
     for k, c in enumerate(configs):
         color, shift = PALETTE[k % len(PALETTE)], (k - (n - 1) / 2) * width
         xs = [folds.index(int(f)) + shift for f in c["test_accuracy"]]
         ax.bar(xs, [100 * a for a in c["test_accuracy"].values()], width=width, color=color,
                label=config_label(c["lr"], c["batch_size"]))
-        if c["mean"] is not None:
+        if with_mean and c["mean"] is not None:
             ax.bar(len(folds) + 0.5 + shift, 100 * c["mean"], width=width, color=color, yerr=100 * (c["std"] or 0.0),
                    error_kw={"ecolor": "black", "elinewidth": 0.8, "capsize": 2})
-    ax.set_xticks([*range(len(folds)), len(folds) + 0.5], [str(f) for f in folds] + ["mean"])
-    ax.axvline(len(folds) - 0.25, color="gray", lw=0.6)
+    if with_mean:
+        ax.set_xticks([*range(len(folds)), len(folds) + 0.5], [str(f) for f in folds] + ["mean"])
+        ax.axvline(len(folds) - 0.25, color="gray", lw=0.6)
+    else:
+        ax.set_xticks(range(len(folds)), [str(f) for f in folds])
     ax.set_xlabel("test fold")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
@@ -129,14 +133,17 @@ def _short(name: str) -> str:
 
 
 def confusion_matrix(summary: dict[str, Any]):
-    """Row-normalized confusion matrix (% of each true class), summed over folds; the counts are in the report."""
+    """Row-normalized confusion matrix (% of each true class, written in each cell), summed over folds; the counts are
+    in the report. Long class names take two lines so the cells stay wide enough for "100" at FONT_PT."""
     m = np.asarray(summary["confusion_matrix"], dtype=float)
-    names = [_short(n) for n in (summary["classes"] or [str(i) for i in range(len(m))])]
+    names = summary["classes"] or [str(i) for i in range(len(m))]
     pct = 100 * m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    fig, ax = _figure(1.05 + 0.19 * len(names))
-    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(len(names)), names)
+    fig, ax = _figure(1.25 + 0.2 * len(names))
+    ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=60, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(len(names)), [n.replace("_", "\n") if len(n) > 9 else _short(n) for n in names],
+                  linespacing=0.9)
+    ax.tick_params(length=0)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.spines[:].set_visible(False)
@@ -145,7 +152,6 @@ def confusion_matrix(summary: dict[str, Any]):
             if m[i, j]:
                 ax.text(j, i, f"{pct[i, j]:.0f}", ha="center", va="center", fontsize=FONT_PT,
                         color="white" if pct[i, j] > 55 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="% of true class")
     return fig
 
 
