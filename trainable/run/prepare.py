@@ -12,7 +12,7 @@ import tempfile
 from typing import Any
 
 from ..errors import AstCvError
-from ..store.experiment import EPOCH, parse_rows, read_manifest, trial_params
+from ..store.experiment import EPOCH, binding_manifest, parse_rows, trial_params
 from ..store.footprint import Footprint, Need, cache_bytes, check_space
 from .plan import (
     Plan,
@@ -64,7 +64,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
     args, demo = with_demo_defaults(args)
     storage, name, exp_dir = experiment_location(args.storage_path, args.name)
     store = Store.open(exp_dir)
-    manifest = read_manifest(store)
+    manifest = binding_manifest(store)
     if args.resume and manifest is None:
         raise AstCvError(f"--resume: no experiment to resume at {exp_dir}. Check --storage-path and --name.")
     if args.space and args.space not in spaces:
@@ -75,6 +75,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
         values, added = config_values(fixed, demo, args, folds), list(grid["test_fold"])
     else:
         fixed, space_grid = split_space(space) if args.space else ({}, None)
+        fixed.pop("folds", None)  # a space's own folds: --folds (checked against the record) or the recorded ones
         values, grid, added = continued_values(manifest, requested(fixed, demo, args), args, space_grid, exp_dir)
     resources = plan_resources(args, torch_gpus, gpu_memory_gib=gpu_memory_gib)
     model_dir = resolve_model(values["model"])  # an unreachable hub or a typo: one line now, not 3 failures per trial

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # Files of an experiment folder (STORAGE/NAME/).
 MANIFEST = "astcv_run.json"
+EXPERIMENT_STARTED = "experiment_started"  # in the manifest: False until the first trial starts (see binding_manifest)
+RAY_SNAPSHOT_PREFIX = "experiment_state"  # Ray Tune's experiment snapshots: experiment_state-<time>.json
 SUMMARY = "summary.json"
 PER_TRIAL_CSV = "per_trial.csv"
 REPORT = "report.md"
@@ -174,6 +176,19 @@ def read_manifest(exp: Store | str | Path) -> dict[str, Any] | None:
         raise AstCvError(f"{join(store.location, MANIFEST)} is damaged ({type(exc).__name__}: {exc}); it records how the "
                          f"experiment was started. Restore it from a copy, or pass --name NEW for a new experiment.") from None
     return manifest
+
+
+def binding_manifest(exp: Store | str | Path) -> dict[str, Any] | None:
+    """The manifest when it binds a re-run to its settings: once the experiment started (its first trial started, or
+    Ray has a snapshot of it; manifests written before the flag existed bind). A run that failed before any trial
+    (at import, at the Ray start) leaves one that does not: the next run starts the experiment as if new."""
+    store = Store.of(exp)
+    manifest = read_manifest(store)
+    if manifest is None or manifest.get(EXPERIMENT_STARTED, True):
+        return manifest
+    if any(name.startswith(RAY_SNAPSHOT_PREFIX) for name in store.list_files()):
+        return manifest
+    return None
 
 
 def parse_rows(text: str | None) -> list[dict[str, Any]]:
