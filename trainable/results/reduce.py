@@ -31,6 +31,7 @@ from ..store.experiment import (
     WEIGHTS,
     expected_trials,
     parse_rows,
+    rows_from_checkpoint,
     trial_params,
     read_manifest,
 )
@@ -54,21 +55,6 @@ def read_trials(exp: Store | str | Path, epochs_planned: int) -> list[TrialHisto
         trials.append(TrialHistory(name, int(params["test_fold"]), float(params["lr"]), int(params["batch_size"]),
                                    int(params.get("epochs", epochs_planned)), tuple(rows_from_checkpoint(store, name, rows))))
     return trials
-
-
-def rows_from_checkpoint(store: Store, trial: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with the epochs only the trial's newest checkpoint records (its trainer_state history). Ray writes an
-    epoch's result.json line through a buffer: a driver killed right after the epoch's checkpoint was stored loses the
-    line, and the trial, restored from that checkpoint, does not report the epoch again."""
-    have = {int(r[EPOCH]) for r in rows}
-    for ckpt in reversed([d for d in store.list_dirs(trial) if d.startswith("checkpoint_")]):
-        try:
-            history = json.loads(store.read_text(f"{trial}/{ckpt}/{TRAINER_STATE}") or "null")["history"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # cut short by a kill: an older checkpoint's history
-        extra = [h for h in history if isinstance(h, dict) and EPOCH in h and VAL_ACCURACY in h and int(h[EPOCH]) not in have]
-        return sorted([*rows, *extra], key=lambda r: int(r[EPOCH]))
-    return rows
 
 
 def find_checkpoint(store: Store, trial: str, epoch: int) -> tuple[str, bool] | None:

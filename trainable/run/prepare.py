@@ -12,7 +12,7 @@ import tempfile
 from typing import Any
 
 from ..errors import AstCvError
-from ..store.experiment import EPOCH, binding_manifest, parse_rows, trial_params
+from ..store.experiment import EPOCH, binding_manifest, parse_rows, rows_from_checkpoint, trial_params
 from ..store.footprint import Footprint, Need, cache_bytes, check_space
 from .plan import (
     Plan,
@@ -127,6 +127,7 @@ def trials_finished(plan: Plan) -> set[str]:
     for name in plan.store.list_dirs():
         rows = parse_rows(plan.store.read_text(f"{name}/result.json"))
         params = trial_params(plan.store, name, rows)
+        rows = rows_from_checkpoint(plan.store, name, rows)
         if params is not None and rows and rows[-1][EPOCH] >= int(params.get("epochs", plan.config.epochs)):
             finished.add(name)
     return finished

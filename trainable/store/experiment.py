@@ -205,6 +205,21 @@ def parse_rows(text: str | None) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def rows_from_checkpoint(store: Store, trial: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the epochs only the trial's newest checkpoint records (its trainer_state history). Ray writes an
+    epoch's result.json line through a buffer: a driver killed right after the epoch's checkpoint was stored loses the
+    line, and the trial, restored from that checkpoint, does not report the epoch again."""
+    have = {int(r[EPOCH]) for r in rows}
+    for ckpt in reversed([d for d in store.list_dirs(trial) if d.startswith("checkpoint_")]):
+        try:
+            history = json.loads(store.read_text(f"{trial}/{ckpt}/{TRAINER_STATE}") or "null")["history"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # cut short by a kill: an older checkpoint's history
+        extra = [h for h in history if isinstance(h, dict) and EPOCH in h and VAL_ACCURACY in h and int(h[EPOCH]) not in have]
+        return sorted([*rows, *extra], key=lambda r: int(r[EPOCH]))
+    return rows
+
+
 def trial_params(store: Store, name: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """A trial's grid point: its params.json, else the config its results carry, else its folder's name (Ray's last
     sync before a full disk can leave params.json empty). None for a folder that is not a trial."""
