@@ -26,8 +26,9 @@ from search_spaces import SPACES
 from trainable.cli import run_cli
 from trainable.config import add_config_arguments, auto_or, set_by_orchestrator
 from trainable.errors import AstCvError
-from trainable.store.experiment import (FINAL_MODEL, REPORT, SUMMARY, expected_trials, format_lr, update_manifest,
-                                        write_manifest)
+from trainable.faults import kill_point, mark_driver
+from trainable.store.experiment import (EXPERIMENT_STARTED, FINAL_MODEL, REPORT, SUMMARY, expected_trials, format_lr,
+                                        update_manifest, write_manifest)
 from trainable.store.lock import STALE_S, ExperimentLock
 from trainable.run.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
 from trainable.run.prepare import warn
@@ -180,10 +181,13 @@ def record(plan, args) -> None:
                        classes=plan.classes, resources=plan.resources.as_ray(), address=plan.resources.address,
                        skipped_clips=plan.skipped,
                        fold_sizes=plan.fold_sizes,
-                       fsids_in_several_folds={str(k): v for k, v in plan.fsids_in_several_folds.items()})
+                       fsids_in_several_folds={str(k): v for k, v in plan.fsids_in_several_folds.items()},
+                       **{EXPERIMENT_STARTED: False})  # binding once the first trial starts (trainable.run.resume)
+        kill_point("manifest")
     elif plan.new_test_folds:
         print(f"Adding test fold(s) {', '.join(map(str, plan.new_test_folds))} to {plan.exp_dir}", flush=True)
         update_manifest(plan.store, grid=plan.grid, fold_sizes=plan.fold_sizes)
+        kill_point("manifest")
 
 
 def refit(summary: dict[str, Any], plan) -> str | None:
@@ -286,6 +290,7 @@ def train(plan, meta, headers, args):
 
 
 def run(args: argparse.Namespace) -> int:
+    mark_driver()
     if args.report_only:
         return report_only(args.report_only)
     import torch

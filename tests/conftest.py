@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 from filelock import FileLock
@@ -87,3 +91,32 @@ def exported(tiny_ast_1024, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("exported")
     return export_model(load_model(str(tiny_ast_1024), list(US8K_CLASSES), num_frames=400), out, 400)
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """A real S3 protocol server (moto's standalone server) with an empty bucket; the AWS variables point at it."""
+    boto3 = pytest.importorskip("boto3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="astcv-test")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield "s3://astcv-test/runs"
+    finally:
+        server.kill()
+        server.wait()

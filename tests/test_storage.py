@@ -275,35 +275,6 @@ def test_the_holder_refreshes_its_lock(tmp_path):
 # ---------------------------------------------------------------- URI storage
 
 
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    """A real S3 protocol server (moto's standalone server) with an empty bucket; the AWS variables point at it."""
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                boto3.client("s3").create_bucket(Bucket="astcv-test")
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield "s3://astcv-test/runs"
-    finally:
-        server.kill()
-        server.wait()
-
-
 def _uri_args(demo_assets, storage, *extra):
     data, model = demo_assets
     return ["--data-root", str(data), "--model", str(model), "--folds", "1", "2", "3", "--lrs", "1e-3",

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..faults import kill_point
 from ..store.experiment import BEST_DIR, BEST_INFO, TRAINER_STATE, TRAINING_STATE, WEIGHTS
 from .model import export_model
 
@@ -88,6 +89,7 @@ def save_checkpoint(out_dir: str | Path, model, optimizer, scaler, state: Traine
         export_model(model, out / BEST_DIR, num_frames, state_dict=best)
         (out / BEST_DIR / BEST_INFO).write_text(json.dumps({"epoch": state.best_epoch, "dtype": str(BEST_DTYPE).split(".")[-1],
                                                             "val_accuracy": state.best_val_accuracy}))
+        kill_point("best")
     averaged = recipe.averaged if recipe is not None else None
     if averaged is not None:
         export_model(model, out / AVERAGED_DIR, num_frames, state_dict=averaged)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import AstCvError
+from ..faults import kill_point
 from ..store.experiment import (
     BEST_DIR,
     BEST_INFO,
@@ -31,6 +32,7 @@ from ..store.experiment import (
     expected_trials,
     format_lr,
     parse_rows,
+    rows_from_checkpoint,
     trial_params,
     read_manifest,
 )
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 def read_trials(exp: Store | str | Path, epochs_planned: int) -> list[TrialHistory]:
-    """Every trial folder of the experiment with its epoch rows (metrics only: no checkpoint is read)."""
+    """Every trial folder of the experiment with its epoch rows: result.json's, completed by the newest checkpoint's
+    history (see ``rows_from_checkpoint``)."""
     store = Store.of(exp)
     trials = []
     for name in store.list_dirs():
@@ -51,7 +54,7 @@ def read_trials(exp: Store | str | Path, epochs_planned: int) -> list[TrialHisto
         if params is None:
             continue
         trials.append(TrialHistory(name, int(params["test_fold"]), float(params["lr"]), int(params["batch_size"]),
-                                   int(params.get("epochs", epochs_planned)), tuple(rows)))
+                                   int(params.get("epochs", epochs_planned)), tuple(rows_from_checkpoint(store, name, rows))))
     return trials
 
 
@@ -75,13 +78,23 @@ def find_checkpoint(store: Store, trial: str, epoch: int) -> tuple[str, bool] | 
     return found
 
 
-def upcast_weights(path: Path) -> None:
-    """Rewrite a safetensors file's float16 tensors as float32 (numpy: the reducer stays torch-free)."""
+class DamagedWeights(Exception):
+    """A checkpoint's weights file that cannot be read (cut short by a kill or a full disk, overwritten, missing)."""
+
+
+def read_weights(path: Path, upcast: bool) -> None:
+    """Check that a safetensors file reads whole; with ``upcast`` rewrite its float16 tensors as float32 (numpy: the
+    reducer stays torch-free). Raises DamagedWeights, in one line, when it does not read."""
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    tensors = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in load_file(str(path)).items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors' SafetensorError (not exported), OSError, ValueError
+        raise DamagedWeights(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}") from exc
+    if upcast:
+        tensors = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def export_model(store: Store, trial: str, epoch: int, rows: dict[str, list]) -> tuple[str | None, str | None]:
@@ -98,16 +111,24 @@ def export_model(store: Store, trial: str, epoch: int, rows: dict[str, list]) ->
         return None, problem
     rel, half = found
     row = next(r for r in rows[trial] if r[EPOCH] == epoch)
-    with tempfile.TemporaryDirectory(prefix="astcv-export-") as tmp:
-        out = Path(tmp) / BEST_MODEL
-        for name in HF_FILES:
-            store.download(f"{rel}/{name}", out / name)
-        if half:
-            upcast_weights(out / WEIGHTS)
-        (out / SOURCE).write_text(json.dumps({"trial": trial, "epoch": epoch, "val_accuracy": row[VAL_ACCURACY],
-                                              "test_accuracy": row[TEST_ACCURACY], "checkpoint": join(store.location, rel),
-                                              "stored_as": "float16" if half else "float32"}, indent=1))
-        store.put_dir(out, BEST_MODEL)
+    try:
+        with tempfile.TemporaryDirectory(prefix="astcv-export-") as tmp:
+            out = Path(tmp) / BEST_MODEL
+            for name in HF_FILES:
+                store.download(f"{rel}/{name}", out / name)
+            read_weights(out / WEIGHTS, upcast=half)
+            (out / SOURCE).write_text(json.dumps({"trial": trial, "epoch": epoch, "val_accuracy": row[VAL_ACCURACY],
+                                                  "test_accuracy": row[TEST_ACCURACY], "checkpoint": join(store.location, rel),
+                                                  "stored_as": "float16" if half else "float32"}, indent=1))
+            kill_point("export")
+            store.put_dir(out, BEST_MODEL)
+    except (DamagedWeights, FileNotFoundError) as exc:  # a file of the checkpoint cut short or gone
+        store.delete(BEST_MODEL)
+        problem = (f"the weights of {trial}, epoch {epoch} in {join(store.location, rel)} are damaged ({exc}); no model "
+                   f"was exported")
+        log.warning(problem)
+        return None, problem
+    kill_point("best_model")
     return join(store.location, BEST_MODEL), None
 
 
@@ -211,6 +232,7 @@ def summarize(exp: str | Path | Store, export: bool = True) -> dict[str, Any]:
     folds = base.get("folds") or sorted({int(f) for f in manifest["grid"]["test_fold"]})
     sizes = {int(f): int(n) for f, n in (manifest.get("fold_sizes") or {}).items()}
     sel = select(trials, folds, sizes)
+    kill_point("reducer")
     summary = summary_json(sel, manifest, trials, store.location)
     rows = {t.name: list(t.rows) for t in trials}
     if export and sel.export is not None:
@@ -223,4 +245,5 @@ def summarize(exp: str | Path | Store, export: bool = True) -> dict[str, Any]:
             store.put_dir(Path(tmp) / PLOTS_DIR, PLOTS_DIR)
     store.write_text(PER_TRIAL_CSV, per_trial_csv(trials))
     write_summary(store, summary)
+    kill_point("summary")
     return summary

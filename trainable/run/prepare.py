@@ -12,7 +12,7 @@ import tempfile
 from typing import Any
 
 from ..errors import AstCvError
-from ..store.experiment import EPOCH, parse_rows, read_manifest, trial_params
+from ..store.experiment import EPOCH, binding_manifest, parse_rows, rows_from_checkpoint, trial_params
 from ..store.footprint import Footprint, Need, cache_bytes, check_space
 from .cluster import check_resume_address
 from .plan import (
@@ -65,7 +65,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
     args, demo = with_demo_defaults(args)
     storage, name, exp_dir = experiment_location(args.storage_path, args.name, args.space)
     store = Store.open(exp_dir)
-    manifest = read_manifest(store)
+    manifest = binding_manifest(store)
     if args.resume and manifest is None:
         raise AstCvError(f"--resume: no experiment to resume at {exp_dir}. Check --storage-path and --name.")
     if args.space and args.space not in spaces:
@@ -76,6 +76,7 @@ def make_plan(args: argparse.Namespace, spaces: dict[str, Any], torch_gpus: int,
         values, added = config_values(fixed, demo, args, folds), list(grid["test_fold"])
     else:
         fixed, space_grid = split_space(space) if args.space else ({}, None)
+        fixed.pop("folds", None)  # a space's own folds: --folds (checked against the record) or the recorded ones
         values, grid, added = continued_values(manifest, requested(fixed, demo, args), args, space_grid, exp_dir)
         check_resume_address(manifest, args.address, exp_dir)
     resources = plan_resources(args, torch_gpus, gpu_memory_gib=gpu_memory_gib)
@@ -128,6 +129,7 @@ def trials_finished(plan: Plan) -> set[str]:
     for name in plan.store.list_dirs():
         rows = parse_rows(plan.store.read_text(f"{name}/result.json"))
         params = trial_params(plan.store, name, rows)
+        rows = rows_from_checkpoint(plan.store, name, rows)
         if params is not None and rows and rows[-1][EPOCH] >= int(params.get("epochs", plan.config.epochs)):
             finished.add(name)
     return finished

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..faults import kill_point
 from ..fit.checkpoint import pick_restore_point
 from ..config import TrainConfig
 from ..store.experiment import CUDA_VISIBLE_DEVICES, EPOCH, NODE_ID
@@ -153,6 +154,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
         curves.epoch(metrics)  # on disk before Ray has the result
         try:
             tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+            kill_point("checkpoint_stored")  # the checkpoint is on storage; the driver has not registered it yet
         except Exception as exc:
             if is_disk_full(exc):
                 raise StorageFull(trial_dir, "a checkpoint could not be saved") from exc

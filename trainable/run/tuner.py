@@ -27,6 +27,8 @@ from .live import syncs_artifacts
 from ..store.lock import check_held
 from .plan import GRID_KEYS, Plan
 from .progress import Progress, TrialView
+from ..faults import FAULT_ENVS, armed, kill_point
+from .resume import folds_not_started, kill_point_hooks, run_settings, use_this_runs_settings, with_restore_fallback
 from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
 
 # Driver-side Ray settings for the Tuner's run (restored afterwards): no usage stats, no sync-time warnings, and the
@@ -39,7 +41,8 @@ TIMELINE_ENV = "ASTCV_TIMELINE"  # a JSON file: the console's events of this ses
 POLL_S = 5.0  # how often the driver collects the trials' in-epoch progress
 # Variables the trials need from the driver's environment (runtime env of every Ray worker).
 PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "ASTCV_SIMULATE_OOM_IN_STEP",
-                    SIMULATE_DISK_FULL_ENV, LIVE_EVERY_ENV, "ASTCV_TEST_HOLD_AFTER_EPOCH", "ASTCV_TEST_HOLD_MARK")
+                    SIMULATE_DISK_FULL_ENV, LIVE_EVERY_ENV, "ASTCV_TEST_HOLD_AFTER_EPOCH", "ASTCV_TEST_HOLD_MARK",
+                    *FAULT_ENVS)
 
 
 # Ray's notice on every local start (RAY_AUTH_MODE unset): "Token authentication is enabled for this Ray cluster. Set
@@ -257,7 +260,7 @@ def ray_init_args(plan: Plan, debug: bool) -> dict[str, Any]:
     return init
 
 
-def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, max_failures: int):
+def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, max_failures: int, stop=None):
     grid = {**plan.grid, "test_fold": list(test_folds)}
     return tune.Tuner(
         trainable,
@@ -265,7 +268,7 @@ def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, m
         tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name,
                                     reuse_actors=os.environ.get(REUSE_WORKERS_ENV, "1") != "0"),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0, callbacks=callbacks,
+            name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0, callbacks=callbacks, stop=stop,
             checkpoint_config=checkpoint_config(tune, plan.config.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             sync_config=tune.SyncConfig(sync_artifacts=syncs_artifacts(plan.storage_path)),
@@ -328,9 +331,14 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             plan = on_cluster(plan)  # the trials' resources from the cluster's nodes; refused when none fits
             board = f"astcv-progress-{uuid.uuid4().hex[:8]}"
             board_actor = progress_board(board)  # held for the run: an actor without a handle is stopped
-            trainable = tune.with_resources(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir,
-                                                                 board=board), plan.resources.as_ray())
-            callbacks = [lock_guard_callback(), make_callback(plan, progress, board), tensorboard_callback()]
+            trainable = with_restore_fallback(tune.with_resources(tune.with_parameters(
+                tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir, board=board), plan.resources.as_ray()))
+            callbacks = [lock_guard_callback(), make_callback(plan, progress, board), tensorboard_callback(),
+                         run_settings(plan, max_failures)]
+            stop = None
+            if armed():
+                hooks, stop = kill_point_hooks(plan)
+                callbacks.append(hooks)
             r = plan.resources
             left = f"{plan.trials - len(plan.finished)} of {plan.trials} trials ({len(plan.finished)} finished earlier; " \
                 if plan.finished else f"{plan.trials} trials ("
@@ -342,12 +350,14 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
                       f"checkpoint.", flush=True)
                 alias_moved_modules()
                 tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
-                tuner._local_tuner._run_config.callbacks = callbacks  # else the pickled ones of the first run
+                use_this_runs_settings(tuner, callbacks, stop)
                 fit(tuner, plan)
-                new_folds = plan.new_test_folds
+                new_folds = folds_not_started(plan, tuner)
             earlier = [n for n, (f, _, _) in expected_trials(plan.grid).items() if f not in new_folds]
             if new_folds and not progress.failed and progress.done(earlier):
-                fit(new_tuner(tune, plan, trainable, new_folds, callbacks, debug, max_failures), plan)
+                if plan.restore:
+                    kill_point("growth")
+                fit(new_tuner(tune, plan, trainable, new_folds, callbacks, debug, max_failures, stop), plan)
             del board_actor
             return Outcome(failed=progress.failed, interrupted=not progress.all_done)
         finally:

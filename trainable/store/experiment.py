@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # Files of an experiment folder (STORAGE/NAME/).
 MANIFEST = "astcv_run.json"
+EXPERIMENT_STARTED = "experiment_started"  # in the manifest: False until the first trial starts (see binding_manifest)
+RAY_SNAPSHOT_PREFIX = "experiment_state"  # Ray Tune's experiment snapshots: experiment_state-<time>.json
 SUMMARY = "summary.json"
 PER_TRIAL_CSV = "per_trial.csv"
 REPORT = "report.md"
@@ -178,6 +180,19 @@ def read_manifest(exp: Store | str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def binding_manifest(exp: Store | str | Path) -> dict[str, Any] | None:
+    """The manifest when it binds a re-run to its settings: once the experiment started (its first trial started, or
+    Ray has a snapshot of it; manifests written before the flag existed bind). A run that failed before any trial
+    (at import, at the Ray start) leaves one that does not: the next run starts the experiment as if new."""
+    store = Store.of(exp)
+    manifest = read_manifest(store)
+    if manifest is None or manifest.get(EXPERIMENT_STARTED, True):
+        return manifest
+    if any(name.startswith(RAY_SNAPSHOT_PREFIX) for name in store.list_files()):
+        return manifest
+    return None
+
+
 def parse_rows(text: str | None) -> list[dict[str, Any]]:
     """A trial's epoch rows from its result.json, one per epoch (a retried epoch keeps its last report; a line cut
     short by a kill or a full disk is skipped)."""
@@ -190,6 +205,21 @@ def parse_rows(text: str | None) -> list[dict[str, Any]]:
         if isinstance(row, dict) and EPOCH in row and VAL_ACCURACY in row:
             by_epoch[int(row[EPOCH])] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def rows_from_checkpoint(store: Store, trial: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the epochs only the trial's newest checkpoint records (its trainer_state history). Ray writes an
+    epoch's result.json line through a buffer: a driver killed right after the epoch's checkpoint was stored loses the
+    line, and the trial, restored from that checkpoint, does not report the epoch again."""
+    have = {int(r[EPOCH]) for r in rows}
+    for ckpt in reversed([d for d in store.list_dirs(trial) if d.startswith("checkpoint_")]):
+        try:
+            history = json.loads(store.read_text(f"{trial}/{ckpt}/{TRAINER_STATE}") or "null")["history"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # cut short by a kill: an older checkpoint's history
+        extra = [h for h in history if isinstance(h, dict) and EPOCH in h and VAL_ACCURACY in h and int(h[EPOCH]) not in have]
+        return sorted([*rows, *extra], key=lambda r: int(r[EPOCH]))
+    return rows
 
 
 def trial_params(store: Store, name: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -267,6 +267,15 @@ class Store:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=False))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
+    def list_files(self, rel: str = "") -> list[str]:
+        """Names of the files directly under ``rel`` (sorted)."""
+        import pyarrow.fs as pafs
+
+        if not self.is_dir(rel):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=False))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
     def download(self, rel: str, dest: str | Path) -> Path:
         """Copy the file or folder ``rel`` to the local ``dest``."""
         import pyarrow.fs as pafs

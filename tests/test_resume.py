@@ -1,0 +1,145 @@
+"""Continuing an experiment (issue 23 items 6-9): what binds a re-run to the recorded settings, a damaged best checkpoint
+in the reducer, and --max-failures on restored trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import orchestrate
+from search_spaces import SPACES
+from trainable.errors import AstCvError
+from trainable.faults import KILL_AT_ENV, KILL_MARK_ENV, KILL_PID_ENV, fired
+from trainable.results.reduce import summarize
+from trainable.run.prepare import make_plan, prepare_inputs
+from trainable.store.experiment import EXPERIMENT_STARTED, read_manifest, trial_dirname, update_manifest, write_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plan(*argv: str):
+    args = orchestrate.build_parser().parse_args(list(argv))
+    plan, meta, headers = make_plan(args, SPACES, torch_gpus=0)
+    return prepare_inputs(plan, meta, headers), args
+
+
+def _args(demo_assets, storage: Path, *extra: str) -> list[str]:
+    data, model = demo_assets
+    return ["--data-root", str(data), "--model", str(model), "--num-workers", "0", "--gpus", "0", "--storage-path",
+            str(storage), "--name", "exp", *extra]
+
+
+def test_a_space_with_its_own_folds_is_continued_with_them(demo_assets, tmp_path):
+    """Item 6: --space smoke --folds 1 2 3 run again was refused as "started with other settings: --folds (recorded
+    [1, 2, 3], now [1..10])": the space's own folds were compared with the recorded ones."""
+    argv = _args(demo_assets, tmp_path, "--space", "smoke", "--folds", "1", "2", "3")
+    plan, args = _plan(*argv)
+    orchestrate.record(plan, args)
+    update_manifest(plan.store, **{EXPERIMENT_STARTED: True})
+    again, _ = _plan(*argv)
+    assert again.restore and list(again.config.folds) == [1, 2, 3] and again.grid["test_fold"] == [1]
+    with pytest.raises(AstCvError, match="--folds"):  # other folds are still refused
+        _plan(*_args(demo_assets, tmp_path, "--space", "smoke", "--folds", "1", "2", "4"))
+
+
+def test_a_run_that_failed_before_any_trial_does_not_pin_its_settings(demo_assets, tmp_path):
+    """Item 9: the manifest was written before Ray started, so a run that failed at import or connect time made the next
+    run with other flags "started with other settings". It binds once the first trial started."""
+    plan, args = _plan(*_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--lrs", "1e-3"))
+    orchestrate.record(plan, args)  # ... and the run dies before its first trial
+    assert read_manifest(plan.store)[EXPERIMENT_STARTED] is False
+    other, _ = _plan(*_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--lrs", "5e-4"))
+    assert not other.restore and other.grid["lr"] == [5e-4]
+    orchestrate.record(other, args)
+    update_manifest(other.store, **{EXPERIMENT_STARTED: True})  # what the first trial's start does
+    with pytest.raises(AstCvError, match="started with other settings: --lrs"):
+        _plan(*_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--lrs", "1e-3"))
+
+
+def test_a_manifest_without_the_flag_binds(tmp_path):
+    """Experiments recorded before the flag existed stay bound to their settings."""
+    from trainable.store.experiment import binding_manifest
+
+    write_manifest(tmp_path, base_config={"epochs": 1}, grid={"test_fold": [1], "lr": [1e-3], "batch_size": [8]})
+    assert binding_manifest(tmp_path) is not None
+    update_manifest(tmp_path, **{EXPERIMENT_STARTED: False})
+    assert binding_manifest(tmp_path) is None
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")  # Ray's snapshot: it did start
+    assert binding_manifest(tmp_path) is not None
+
+
+def _trial_with_checkpoint(exp: Path, fold: int, val: float, weights: bytes) -> None:
+    d = exp / trial_dirname(fold, 1e-3, 8)
+    (d / "checkpoint_000000" / "best").mkdir(parents=True)
+    (d / "params.json").write_text(json.dumps({"test_fold": fold, "lr": 1e-3, "batch_size": 8}))
+    (d / "result.json").write_text(json.dumps({"epoch": 1, "val_accuracy": val, "test_accuracy": val,
+                                               "test_confusion": json.dumps([[1, 0], [0, 1]])}) + "\n")
+    ck = d / "checkpoint_000000"
+    (ck / "trainer_state.json").write_text(json.dumps({"epoch": 1, "history": []}))
+    (ck / "best" / "best_epoch.json").write_text(json.dumps({"epoch": 1, "dtype": "float16"}))
+    for name in ("config.json", "preprocessor_config.json"):
+        (ck / "best" / name).write_text("{}")
+    (ck / "best" / "model.safetensors").write_bytes(weights)
+
+
+def test_a_damaged_best_checkpoint_is_an_export_problem_not_a_traceback(tmp_path, capsys):
+    """Item 7: a truncated safetensors file in the chosen checkpoint raised SafetensorError out of the reducer (no
+    summary); now the summary, the report and the console say no model was exported, and why, in one line."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    exp = tmp_path / "exp"
+    write_manifest(exp, base_config={"epochs": 1, "seed": 0}, grid={"test_fold": [1, 2], "lr": [1e-3], "batch_size": [8]},
+                   classes=["a", "b"], command=["x"])
+    whole = save({"w": np.ones((64, 64), dtype=np.float16)})
+    _trial_with_checkpoint(exp, 1, 0.9, whole[: len(whole) // 2])  # the best trial's weights, cut short by a kill
+    _trial_with_checkpoint(exp, 2, 0.5, whole)
+    s = summarize(exp)
+    assert s["best_model_dir"] is None and not (exp / "best_model").exists()
+    assert "damaged" in s["export_problem"] and trial_dirname(1, 1e-3, 8) in s["export_problem"]
+    assert json.loads((exp / "summary.json").read_text())["export_problem"] == s["export_problem"]
+    assert "No model was exported" in (exp / "report.md").read_text()
+    capsys.readouterr()
+    assert orchestrate.main(["--report-only", str(exp)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "no model exported" in line]) == 1
+
+
+@pytest.mark.slow
+def test_max_failures_given_on_resume_applies_to_restored_trials(demo_assets, tmp_path):
+    """Item 8: the trials of an experiment started with --max-failures 0 kept 0 when the re-run said 3: a failure of a
+    restored trial was final. Run 1 (--max-failures 0) is stopped once its trial started; run 2 (--max-failures 3)
+    has the trial's worker killed once (the kill point with a driver pid that is gone kills the worker itself)."""
+    cmd = [sys.executable, "orchestrate.py", *_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--test-folds", "1",
+                                                    "--lrs", "1e-3", "--batch-sizes", "8", "--epochs", "1")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "runs.log"
+
+    def run(*extra: str, **kill: str) -> int:
+        with open(log, "a") as out:
+            proc = subprocess.Popen([*cmd, *extra], cwd=ROOT, env={**env, **kill}, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                return proc.wait(timeout=600)
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run("--max-failures", "0", **{KILL_AT_ENV: "params.json", KILL_MARK_ENV: str(first)}) == -signal.SIGKILL
+    assert fired(first) == "params.json", log.read_text()
+    assert list((tmp_path / "exp").glob("experiment_state-*.json"))  # the re-run restores the first run's trials
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    rc = run("--max-failures", "3", **{KILL_AT_ENV: "best", KILL_MARK_ENV: str(second), KILL_PID_ENV: str(gone.pid)})
+    assert fired(second) == "best", log.read_text()
+    assert rc == 0, log.read_text()[-4000:]
+    assert "retrying from its last checkpoint" in log.read_text()
