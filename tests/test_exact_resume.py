@@ -167,10 +167,15 @@ def kill_group(proc):
 
 
 def epoch_rows(exp: Path) -> dict[str, dict[int, dict]]:
-    """Each trial's rows by epoch (a resumed trial's result.json holds the redone epochs again: the last one counts)."""
-    out = {}
+    """Each trial's rows by epoch as the reducer reads them: result.json (a resumed trial's holds the redone epochs
+    again: the last one counts), completed from the newest checkpoint's history where a kill cost Ray's buffered
+    line of an epoch whose checkpoint was stored (the next run then finds the trial finished)."""
+    from trainable.store.experiment import parse_rows, rows_from_checkpoint
+    from trainable.store.storage import Store
+
+    store, out = Store.of(exp), {}
     for result in exp.glob("*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        rows = rows_from_checkpoint(store, result.parent.name, parse_rows(result.read_text()))
         out[result.parent.name] = {r[EPOCH]: r for r in rows}
     return out
 

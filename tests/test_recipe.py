@@ -177,9 +177,9 @@ def test_resumed_trial_with_the_recipe_equals_an_uninterrupted_one_and_exports_t
     seen, real = [], steps.forward
     # a frequency bin masked over the whole clip (zero padding also becomes MASK_VALUE, but in time rows only)
     steps.forward = lambda model, xs, rehearsal=None: seen.append((model.training, (xs == MASK_VALUE).all(-2).any().item())) or real(model, xs)
-    full = LocalRun(tmp_path / "full")
+    full, lrs = LocalRun(tmp_path / "full"), []
     try:
-        fit(config, keep(full))
+        fit(config, keep(full), on_step=lambda step, loss, lr: lrs.append(lr))  # the lr each step used
     finally:
         steps.forward = real
     assert any(masked for training, masked in seen if training)
@@ -203,7 +203,6 @@ def test_resumed_trial_with_the_recipe_equals_an_uninterrupted_one_and_exports_t
                 for line in (run.out / "metrics.jsonl").read_text().splitlines()]
 
     assert rows(part) == rows(full)
-    lrs = [p[2] for r in rows(full) for p in r["train_steps"]]
     assert lrs == pytest.approx([1e-3] * 3 + [5e-4] * 3)  # ×0.5 at each epoch's end from epoch 1
     assert {WA_VAL_ACCURACY, WA_TEST_ACCURACY} <= set(rows(full)[-1])
     averaged = load_file(str(full.last / "averaged" / "model.safetensors"))
@@ -231,7 +230,7 @@ def tiny_dropout(tmp_path_factory):
 @pytest.mark.slow
 def test_ast_official_space_runs_end_to_end_and_shows_the_recipe(demo_assets, tmp_path, capsys):
     """The demo with --space ast-official (one test fold, two epochs, the first decay after epoch 1 so the schedule
-    shows): the manifest and each trial's config hold the recipe, the report lists it, TensorBoard's train/lr steps."""
+    shows): the manifest and each trial's config hold the recipe, the report lists it, TensorBoard's lr/train steps."""
     import orchestrate
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -256,7 +255,7 @@ def test_ast_official_space_runs_end_to_end_and_shows_the_recipe(demo_assets, tm
     assert "## Training recipe" in report and "SpecAugment freqm 24 timem 96" in report and "x0.85 every 1 from epoch 1" in report
     events = EventAccumulator(str(trial))
     events.Reload()
-    lrs = [e.value for e in events.Scalars("train/lr")]
+    lrs = [e.value for e in events.Scalars("lr/train")]
     assert lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.85e-5)  # epoch 2 after the first decay
 
 
