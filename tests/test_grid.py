@@ -94,7 +94,7 @@ def test_a_resume_with_changed_axes_is_refused_and_without_grid_keeps_them():
     args = Namespace(folds=None, test_folds=None, lrs=None, batch_sizes=None, grid=None)
     _, grid, _ = continued_values(manifest, {}, args, None, "/x")
     assert grid["specaug"] == ["off", "on"]
-    _, grid, _ = continued_values(manifest, {}, Namespace(**{**vars(args), "grid": ["specaug=off,on"]}), None, "/x")
+    _, grid, _ = continued_values(manifest, {}, Namespace(**{**vars(args), "grid": ["specaug=on,off"]}), None, "/x")
     assert list(grid) == ["test_fold", "lr", "batch_size", "specaug"]
     with pytest.raises(AstCvError) as err:
         continued_values(manifest, {}, Namespace(**{**vars(args), "grid": ["mixup=0,0.5"]}), None, "/x")

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from ..config import TrainConfig
 from ..errors import AstCvError
-from ..store.experiment import extra_axes, extra_points, format_lr
+from ..store.experiment import axis_text, extra_axes, extra_points, format_lr
 from ..store.footprint import Footprint
 from ..store.storage import Store, is_uri, join
 from .axes import expand_axes, parse_axes
@@ -197,6 +197,11 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def _axis_set(axes: Mapping[str, list]) -> dict[str, set[str]]:
+    """Extra axes compared as sets of value texts (the order they were given in does not matter)."""
+    return {k: {axis_text(v) for v in vals} for k, vals in axes.items()}
+
+
 def continued_values(manifest: Mapping[str, Any], asked: Mapping[str, Any], args: argparse.Namespace,
                      space_grid: Mapping[str, list] | None, exp_dir: str) -> tuple[dict[str, Any], dict[str, list], list[int]]:
     """(config values, grid, test folds added) of an experiment continued from its manifest.
@@ -218,7 +223,7 @@ def continued_values(manifest: Mapping[str, Any], asked: Mapping[str, Any], args
         if wanted[key] and sorted(set(map(float, wanted[key]))) != sorted(set(map(float, grid[key]))):
             changed.append(f"{flag} (recorded {grid[key]})")
     axes = parse_axes(getattr(args, "grid", None))
-    if axes and axes != extra_axes(grid):
+    if axes and _axis_set(axes) != _axis_set(extra_axes(grid)):
         changed.append(f"--grid (recorded {extra_axes(grid) or 'none'})")
     added = []
     if args.test_folds:
