@@ -30,6 +30,7 @@ from trainable.faults import kill_point, mark_driver
 from trainable.store.experiment import (EXPERIMENT_STARTED, FINAL_MODEL, REPORT, SUMMARY, expected_trials, format_lr,
                                         update_manifest, write_manifest)
 from trainable.store.lock import STALE_S, ExperimentLock
+from trainable.run.axes import ALIAS_HELP, grid_overrides
 from trainable.run.plan import CHANGEABLE_FLAGS, DEFAULT_CACHE, DEFAULT_NAME, DEMO_DIR
 from trainable.run.prepare import warn
 from trainable.store.storage import is_uri, join, remote_storage_error
@@ -78,6 +79,10 @@ def _what_to_run(run) -> None:
                      "A later run under the same --name may add folds")
     run.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates to try (overrides the space)")
     run.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to try (overrides the space)")
+    run.add_argument("--grid", action="append", default=None, metavar="NAME=V1,V2",
+                     help="one more grid axis (repeatable): a training setting's values, each its own config in the nested "
+                     f"selection, e.g. --grid mixup=0,0.5 --grid optimizer=adam,adamw; alias: {ALIAS_HELP}. Trial "
+                     "folders get a suffix (fold01_lr1e-05_bs8__specaug-on)")
 
 
 def _cache_and_resources(cache, res) -> None:
@@ -195,27 +200,32 @@ def refit(summary: dict[str, Any], plan) -> str | None:
     import numpy as np
 
     from trainable.results.reduce import write_summary
+    from trainable.results.select import extra_label
     from trainable.fit.train import train_on_all_folds
 
     best = summary["best_config"]
     if best is None:
         print("--refit: no finished trials to choose a config from; skipped.")
         return None
-    cfg = next(c for c in summary["configs"] if (c["lr"], c["batch_size"]) == (best["lr"], best["batch_size"]))
+    key = (best["lr"], best["batch_size"], best.get("extra"))
+    cfg = next(c for c in summary["configs"] if (c["lr"], c["batch_size"], c.get("extra")) == key)
     epochs = int(np.ceil(np.median(list(cfg["best_epoch"].values()))))
-    config = dataclasses.replace(plan.config, lr=best["lr"], batch_size=best["batch_size"])
-    print(f"Refit: lr {format_lr(best['lr'])}, batch {best['batch_size']}, {epochs} epochs on all folds {list(config.folds)}",
+    config = dataclasses.replace(plan.config, lr=best["lr"], batch_size=best["batch_size"],
+                                 **grid_overrides(best.get("extra"), plan.grid, plan.config.to_dict()))
+    print(f"Refit: lr {format_lr(best['lr'])}, batch {best['batch_size']}{extra_label(best.get('extra'))}, {epochs} epochs on all folds {list(config.folds)}",
           flush=True)
     with tempfile.TemporaryDirectory(prefix="astcv-refit-") as tmp:
         plan.store.put_dir(train_on_all_folds(config, epochs, Path(tmp) / FINAL_MODEL), FINAL_MODEL)
     summary["final_model_dir"] = join(plan.exp_dir, FINAL_MODEL)
-    summary["refit"] = {"lr": best["lr"], "batch_size": best["batch_size"], "epochs": epochs, "folds": list(config.folds)}
+    summary["refit"] = {"lr": best["lr"], "batch_size": best["batch_size"], **({"extra": best["extra"]} if best.get("extra") else {}),
+                        "epochs": epochs, "folds": list(config.folds)}
     write_summary(plan.store, summary)
     return summary["final_model_dir"]
 
 
 def print_summary(summary: dict[str, Any], exp_dir: str) -> None:
     from trainable.results.report import comparison_verdict, fmt_ci
+    from trainable.results.select import extra_label
 
     n = len(summary["per_fold"])
     if summary["mean"] is None:
@@ -224,10 +234,11 @@ def print_summary(summary: dict[str, Any], exp_dir: str) -> None:
     std = f" ± {100 * summary['std']:.2f}" if summary["std"] is not None else ""
     print(f"\nTest accuracy (nested CV over {n} folds): {100 * summary['mean']:.2f}{std} % ({fmt_ci(summary.get('ci95'))})")
     for p in summary["per_fold"]:
-        print(f"  fold {p['fold']:2d}: {100 * p['test_accuracy']:6.2f} %  (lr {format_lr(p['lr'])}, batch {p['batch_size']}, epoch {p['epoch']})")
+        print(f"  fold {p['fold']:2d}: {100 * p['test_accuracy']:6.2f} %  (lr {format_lr(p['lr'])}, batch {p['batch_size']}"
+              f"{extra_label(p.get('extra'))}, epoch {p['epoch']})")
     b = summary["best_config"]
     if b:
-        print(f"Best config on validation: lr {format_lr(b['lr'])}, batch {b['batch_size']}")
+        print(f"Best config on validation: lr {format_lr(b['lr'])}, batch {b['batch_size']}{extra_label(b.get('extra'))}")
     verdict = comparison_verdict(summary)
     if verdict:
         print(f"{verdict} (Corrected resampled t-test: see the report.)")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..store.experiment import format_lr
+from .select import extra_label
 
 PLOTS_DIR = "plots"
 FORMATS = ("png", "svg", "pdf")
@@ -58,8 +59,14 @@ def save(fig, out: Path, name: str) -> Path:
     return out / f"{name}.png"
 
 
-def config_label(lr: float, batch: int) -> str:
-    return f"lr {format_lr(lr)}, batch {batch}"
+def config_label(lr: float, batch: int, extra=()) -> str:
+    """'lr 1e-05, batch 8' (', specaug on' per extra grid axis)."""
+    return f"lr {format_lr(lr)}, batch {batch}" + extra_label(extra)
+
+
+def _config_of(info: tuple) -> tuple:
+    """(lr, batch, extra) of a trial_info value: (fold, lr, batch) or (fold, lr, batch, extra)."""
+    return (info[1], info[2], tuple(info[3]) if len(info) > 3 else ())
 
 
 def fold_accuracy(summary: dict[str, Any]):
@@ -74,7 +81,7 @@ def fold_accuracy(summary: dict[str, Any]):
         color, shift = PALETTE[k % len(PALETTE)], (k - (n - 1) / 2) * width
         xs = [folds.index(int(f)) + shift for f in c["test_accuracy"]]
         ax.bar(xs, [100 * a for a in c["test_accuracy"].values()], width=width, color=color,
-               label=config_label(c["lr"], c["batch_size"]))
+               label=config_label(c["lr"], c["batch_size"], c.get("extra")))
         if with_mean and c["mean"] is not None:
             ax.bar(len(folds) + 0.5 + shift, 100 * c["mean"], width=width, color=color, yerr=100 * (c["std"] or 0.0),
                    error_kw={"ecolor": "black", "elinewidth": 0.8, "capsize": 2})
@@ -94,8 +101,8 @@ def fold_accuracy(summary: dict[str, Any]):
 def _epoch_stats(trial_rows, trial_info, config, key: str) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(epochs, mean, std) of ``key`` over the folds of ``config`` that reached each epoch (std 0 with one fold)."""
     per_epoch: dict[int, list[float]] = {}
-    for name, (_, lr, bs) in trial_info.items():
-        if (lr, bs) == config:
+    for name, info in trial_info.items():
+        if _config_of(info) == config:
             for r in trial_rows.get(name, []):
                 per_epoch.setdefault(int(r["epoch"]), []).append(100 * r[key])
     epochs = sorted(per_epoch)
@@ -107,7 +114,7 @@ def _epoch_stats(trial_rows, trial_info, config, key: str) -> tuple[list[int], n
 def learning_curves(trial_rows: dict[str, list[dict[str, Any]]], trial_info: dict[str, tuple[int, float, int]]):
     """Validation (top) and test (bottom) accuracy per epoch, mean over folds per config, ± std as hatched bands."""
     plt = _pyplot()
-    configs = sorted({(lr, bs) for _, lr, bs in trial_info.values()})
+    configs = sorted({_config_of(info) for info in trial_info.values()})
     fig, axes = _figure(3.6 + 0.16 * len(configs), nrows=2, sharex=True)
     for ax, key, what in zip(axes, ("val_accuracy", "test_accuracy"), ("validation", "test")):
         for k, config in enumerate(configs):

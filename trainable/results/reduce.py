@@ -30,6 +30,7 @@ from ..store.experiment import (
     VAL_ACCURACY,
     WEIGHTS,
     expected_trials,
+    trial_extra,
     format_lr,
     parse_rows,
     rows_from_checkpoint,
@@ -54,7 +55,8 @@ def read_trials(exp: Store | str | Path, epochs_planned: int) -> list[TrialHisto
         if params is None:
             continue
         trials.append(TrialHistory(name, int(params["test_fold"]), float(params["lr"]), int(params["batch_size"]),
-                                   int(params.get("epochs", epochs_planned)), tuple(rows_from_checkpoint(store, name, rows))))
+                                   int(params.get("epochs", epochs_planned)), tuple(rows_from_checkpoint(store, name, rows)),
+                                   trial_extra(name)))
     return trials
 
 
@@ -132,10 +134,15 @@ def export_model(store: Store, trial: str, epoch: int, rows: dict[str, list]) ->
     return join(store.location, BEST_MODEL), None
 
 
+def _extra(extra) -> dict[str, Any]:
+    """{"extra": {axis: value}} for a config on a grid with extra axes; {} otherwise (summaries as before)."""
+    return {"extra": dict(extra)} if extra else {}
+
+
 def _config_json(c: ConfigResult | None, with_folds: bool = False) -> dict[str, Any] | None:
     if c is None:
         return None
-    out = {"lr": c.lr, "batch_size": c.batch_size, "mean": c.mean, "std": c.std, "mean_val_accuracy": c.mean_val_accuracy}
+    out = {"lr": c.lr, "batch_size": c.batch_size, **_extra(c.extra), "mean": c.mean, "std": c.std, "mean_val_accuracy": c.mean_val_accuracy}
     if with_folds:
         out["folds"] = c.folds
     return out
@@ -146,7 +153,7 @@ def summary_json(sel: Selection, manifest: dict[str, Any], trials: list[TrialHis
     base, grid = manifest["base_config"], manifest["grid"]
     expected = expected_trials(grid)
     by_name = {t.name: t for t in trials}
-    unfinished = [{"trial": name, "test_fold": f, "lr": lr, "batch_size": bs,
+    unfinished = [{"trial": name, "test_fold": f, "lr": lr, "batch_size": bs, **_extra(trial_extra(name)),
                    "epochs_done": len(by_name[name].rows) if name in by_name else 0}
                   for name, (f, lr, bs) in sorted(expected.items()) if name not in by_name or not by_name[name].finished]
     classes = manifest.get("classes", [])
@@ -161,12 +168,12 @@ def summary_json(sel: Selection, manifest: dict[str, Any], trials: list[TrialHis
                               "the nested per_fold mean is the unbiased estimate")
     return {
         "experiment": str(exp_dir), "metric": "accuracy",
-        "per_fold": [vars(p) for p in sel.per_fold],
+        "per_fold": [{**{k: v for k, v in vars(p).items() if k != "extra"}, **_extra(p.extra)} for p in sel.per_fold],
         "mean": sel.mean, "std": sel.std, "std_ddof": 1, "ci95": list(sel.ci95) if sel.ci95 else None,
         "ci95_method": "Nadeau-Bengio corrected t-interval over folds (n_test/n_train "
                        f"{sel.test_train_ratio:.3f}); ci95_plain is the plain t-interval, too narrow for overlapping "
                        "training sets", "ci95_plain": list(sel.ci95_plain) if sel.ci95_plain else None,
-        "configs": [{"lr": c.lr, "batch_size": c.batch_size,
+        "configs": [{"lr": c.lr, "batch_size": c.batch_size, **_extra(c.extra),
                      "test_accuracy": {str(f): a for f, a in sorted(c.test_accuracy.items())},
                      "best_epoch": {str(f): e for f, e in sorted(c.best_epoch.items())},
                      "mean": c.mean, "std": c.std, "mean_val_accuracy": c.mean_val_accuracy} for c in sel.configs],
@@ -193,7 +200,7 @@ def per_trial_csv(trials: Iterable[TrialHistory]) -> str:
     records = []
     for t in trials:
         for r in t.rows:
-            rec = {"trial": t.name, "test_fold": t.test_fold, "lr": format_lr(t.lr), "batch_size": t.batch_size}
+            rec = {"trial": t.name, "test_fold": t.test_fold, "lr": format_lr(t.lr), "batch_size": t.batch_size, **dict(t.extra)}
             rec.update({k: v for k, v in r.items() if isinstance(v, (int, float, str)) and k != TEST_CONFUSION
                         and not isinstance(v, bool) and k not in ("config", "trial_id", "date", "hostname", "node_ip", "pid")})
             records.append(rec)
@@ -240,7 +247,8 @@ def summarize(exp: str | Path | Store, export: bool = True) -> dict[str, Any]:
     from .plots import PLOTS_DIR, make_all
 
     with tempfile.TemporaryDirectory(prefix="astcv-plots-") as tmp:
-        summary["plots"] = make_all(summary, rows, {t.name: (t.test_fold, t.lr, t.batch_size) for t in trials}, Path(tmp))
+        summary["plots"] = make_all(summary, rows, {t.name: (t.test_fold, t.lr, t.batch_size, t.extra) for t in trials},
+                                       Path(tmp))
         if summary["plots"]:
             store.put_dir(Path(tmp) / PLOTS_DIR, PLOTS_DIR)
     store.write_text(PER_TRIAL_CSV, per_trial_csv(trials))

@@ -5,8 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import recipe_summary
-from ..store.experiment import format_lr
-from .select import ALPHA
+from ..store.experiment import extra_axes, format_lr
+from .select import ALPHA, extra_label
+
+
+def _axes(s: dict[str, Any]) -> list[str]:
+    """The grid's extra axes (--grid), each a column of the tables."""
+    return list(extra_axes(s.get("grid") or {}))
+
+
+def _heads(s: dict[str, Any]) -> str:
+    return "".join(f" {a} |" for a in _axes(s))
+
+
+def _cells(s: dict[str, Any], row: dict[str, Any]) -> str:
+    return "".join(f" {(row.get('extra') or {}).get(a, '–')} |" for a in _axes(s))
 
 
 def fmt(mean: float | None, std: float | None) -> str:
@@ -39,7 +52,7 @@ def comparison_verdict(s: dict[str, Any]) -> str | None:
     different = [c for c in tested if c["p_value"] < ALPHA]
     if different:
         return (f"Significantly different from the chosen config (p < {ALPHA}): "
-                + ", ".join(f"lr {format_lr(c['lr'])}/batch {c['batch_size']} ({100 * c['mean_difference']:+.2f} points)"
+                + ", ".join(f"lr {format_lr(c['lr'])}/batch {c['batch_size']}{extra_label(c.get('extra'))} ({100 * c['mean_difference']:+.2f} points)"
                             for c in different) + ".")
     k = min(c["folds"] for c in tested)
     caution = (f"low power: with {k} folds a difference of several points can go undetected" if k < 10 else
@@ -70,19 +83,20 @@ def _headline(s: dict[str, Any]) -> list[str]:
 
 
 def _tables(s: dict[str, Any]) -> list[str]:
-    lines = ["## Per fold (nested selection)", "", "| test fold | lr | batch | epoch | val acc % | test acc % |",
-             "|---|---|---|---|---|---|"]
+    extra = "---|" * len(_axes(s))
+    lines = ["## Per fold (nested selection)", "", f"| test fold | lr | batch |{_heads(s)} epoch | val acc % | test acc % |",
+             "|---|---|---|" + extra + "---|---|---|"]
     for p in s["per_fold"]:
-        lines.append(f"| {p['fold']} | {format_lr(p['lr'])} | {p['batch_size']} | {p['epoch']} | {100 * p['val_accuracy']:.2f} | "
+        lines.append(f"| {p['fold']} | {format_lr(p['lr'])} | {p['batch_size']} |{_cells(s, p)} {p['epoch']} | {100 * p['val_accuracy']:.2f} | "
                      f"{100 * p['test_accuracy']:.2f} |")
     folds = sorted({int(f) for c in s["configs"] for f in c["test_accuracy"]})
     lines += ["", "## Every config (test accuracy % at each fold's best-validation epoch)", "",
-              "| lr | batch | " + " | ".join(f"fold {f}" for f in folds) + " | mean ± std | mean val % |",
-              "|---|---|" + "---|" * len(folds) + "---|---|"]
+              f"| lr | batch |{_heads(s)} " + " | ".join(f"fold {f}" for f in folds) + " | mean ± std | mean val % |",
+              "|---|---|" + extra + "---|" * len(folds) + "---|---|"]
     for c in s["configs"]:
         cells = [f"{100 * c['test_accuracy'][str(f)]:.2f}" if str(f) in c["test_accuracy"] else "–" for f in folds]
         mv = f"{100 * c['mean_val_accuracy']:.2f}" if c["mean_val_accuracy"] is not None else "n/a"
-        lines.append(f"| {format_lr(c['lr'])} | {c['batch_size']} | " + " | ".join(cells) + f" | {fmt(c['mean'], c['std'])} | {mv} |")
+        lines.append(f"| {format_lr(c['lr'])} | {c['batch_size']} |{_cells(s, c)} " + " | ".join(cells) + f" | {fmt(c['mean'], c['std'])} | {mv} |")
     return lines + [""]
 
 
@@ -90,7 +104,8 @@ def _choice(s: dict[str, Any]) -> list[str]:
     lines = []
     if s["best_config"]:
         b = s["best_config"]
-        lines.append(f"Best config by mean **validation** accuracy: lr {format_lr(b['lr'])}, batch {b['batch_size']} (its mean test "
+        lines.append(f"Best config by mean **validation** accuracy: lr {format_lr(b['lr'])}, batch {b['batch_size']}"
+                     f"{extra_label(b.get('extra'))} (its mean test "
                      f"accuracy, {fmt(b['mean'], b['std'])} %, is mildly optimistic: each validation fold is another "
                      f"round's test fold; quote the nested number above).")
         model = s.get("best_model") or {}
@@ -101,7 +116,7 @@ def _choice(s: dict[str, Any]) -> list[str]:
     if s["optimistic"]:
         o = s["optimistic"]
         lines.append(f"Optimistic (config chosen on mean **test** accuracy, as many papers do; biased upwards): "
-                     f"lr {format_lr(o['lr'])}, batch {o['batch_size']}: {fmt(o['mean'], o['std'])} %.")
+                     f"lr {format_lr(o['lr'])}, batch {o['batch_size']}{extra_label(o.get('extra'))}: {fmt(o['mean'], o['std'])} %.")
     return lines
 
 
@@ -110,15 +125,17 @@ def _comparisons(s: dict[str, Any]) -> list[str]:
     if not comps or not s["best_config"]:
         return []
     b = s["best_config"]
-    lines = ["", f"## Configs compared with the best one (lr {format_lr(b['lr'])}, batch {b['batch_size']})", "",
+    lines = ["", f"## Configs compared with the best one (lr {format_lr(b['lr'])}, batch {b['batch_size']}"
+                 f"{extra_label(b.get('extra'))})", "",
              "Paired over folds with the corrected resampled t-test (Nadeau & Bengio 2003: the variance of the per-fold "
              "differences × (1/k + n_test/n_train), since the folds' training sets overlap); two-sided.", "",
-             "| lr | batch | folds | mean difference (points) | t | p |", "|---|---|---|---|---|---|"]
+             f"| lr | batch |{_heads(s)} folds | mean difference (points) | t | p |",
+             "|---|---|" + "---|" * len(_axes(s)) + "---|---|---|---|"]
     for c in comps:
         t = "n/a" if c["t"] is None else f"{c['t']:.2f}"
         p = "n/a" if c["p_value"] is None else f"{c['p_value']:.3f}"
         diff = "n/a" if c["mean_difference"] is None else f"{100 * c['mean_difference']:+.2f}"
-        lines.append(f"| {format_lr(c['lr'])} | {c['batch_size']} | {c['folds']} | {diff} | {t} | p = {p} |")
+        lines.append(f"| {format_lr(c['lr'])} | {c['batch_size']} |{_cells(s, c)} {c['folds']} | {diff} | {t} | p = {p} |")
     return lines + ["", f"**{comparison_verdict(s)}**"]
 
 
@@ -128,7 +145,7 @@ def _refit(s: dict[str, Any]) -> list[str]:
         return []
     return ["", "## Final model (refit on all folds)", "",
             f"`{s.get('final_model_dir')}`: trained on every fold in use ({', '.join(map(str, r['folds']))}) with lr "
-            f"{format_lr(r['lr'])}, batch {r['batch_size']}, for {r['epochs']} epochs (the median best epoch of that config). It "
+            f"{format_lr(r['lr'])}, batch {r['batch_size']}{extra_label(r.get('extra'))}, for {r['epochs']} epochs (the median best epoch of that config). It "
             f"saw every clip, so it has no test accuracy of its own: the nested cross-validation figure above is the "
             f"estimate of how such a model does on unseen data."]
 
@@ -171,7 +188,13 @@ def _recipe(s: dict[str, Any]) -> list[str]:
     rows = [(k, config[k]) for k in RECIPE_KEYS if k in config]
     if not rows:
         return []
-    lines = ["## Training recipe", "", recipe_summary(config) + ".", "", "| setting | value |", "|---|---|"]
+    lines = ["## Training recipe", "", recipe_summary(config) + ".", ""]
+    axes = extra_axes(s.get("grid") or {})
+    if axes:
+        lines += ["Grid axes beyond lr and batch size (`--grid`; each value is its own config in the tables above, and "
+                  "the table below holds the other settings): " + "; ".join(
+                      f"{k} {', '.join(str(v) for v in vals)}" for k, vals in axes.items()) + ".", ""]
+    lines += ["| setting | value |", "|---|---|"]
     lines += [f"| {k} | {', '.join(map(str, v)) if isinstance(v, list) else v} |" for k, v in rows]
     return lines + [""]
 

@@ -18,6 +18,13 @@ from ..store.experiment import EPOCH, TEST_ACCURACY, TEST_CONFUSION, VAL_ACCURAC
 from .stats import ci95, corrected_paired_ttest, mean_std
 
 ALPHA = 0.05  # significance level of the config comparisons
+Extra = tuple[tuple[str, str], ...]  # (axis, value text) by axis name: one config is (lr, batch size, extra)
+
+
+def extra_label(extra: Extra | Mapping[str, str] | None) -> str:
+    """', specaug on, mixup 0.5' for a config's extra axis values ('' without any)."""
+    items = extra.items() if isinstance(extra, Mapping) else (extra or ())
+    return "".join(f", {k} {v}" for k, v in items)
 
 
 @dataclass(frozen=True)
@@ -30,10 +37,11 @@ class TrialHistory:
     batch_size: int
     epochs_planned: int
     rows: tuple[Mapping[str, Any], ...] = ()
+    extra: Extra = ()  # the extra grid axes' values (--grid), as in its folder name
 
     @property
-    def config_key(self) -> tuple[float, int]:
-        return (self.lr, self.batch_size)
+    def config_key(self) -> tuple[float, int, Extra]:
+        return (self.lr, self.batch_size, self.extra)
 
     @property
     def finished(self) -> bool:
@@ -47,10 +55,12 @@ class TrialHistory:
 
 @dataclass
 class ConfigResult:
-    """One (lr, batch size) over the folds it finished: test accuracy at each fold's best-validation epoch."""
+    """One (lr, batch size, extra axis values) over the folds it finished: test accuracy at each fold's best-validation
+    epoch."""
 
     lr: float
     batch_size: int
+    extra: Extra = ()
     test_accuracy: dict[int, float] = field(default_factory=dict)
     val_accuracy: dict[int, float] = field(default_factory=dict)
     best_epoch: dict[int, int] = field(default_factory=dict)
@@ -83,6 +93,7 @@ class FoldPick:
     val_accuracy: float
     test_accuracy: float
     trial: str
+    extra: Extra = ()
 
 
 @dataclass
@@ -120,9 +131,9 @@ class Selection:
 
 
 def config_results(finished: Sequence[TrialHistory]) -> list[ConfigResult]:
-    configs: dict[tuple[float, int], ConfigResult] = {}
+    configs: dict[tuple[float, int, Extra], ConfigResult] = {}
     for t in finished:
-        c = configs.setdefault(t.config_key, ConfigResult(t.lr, t.batch_size))
+        c = configs.setdefault(t.config_key, ConfigResult(t.lr, t.batch_size, t.extra))
         best = t.best
         c.test_accuracy[t.test_fold] = best[TEST_ACCURACY]
         c.val_accuracy[t.test_fold] = best[VAL_ACCURACY]
@@ -137,7 +148,7 @@ def nested_picks(finished: Sequence[TrialHistory]) -> list[tuple[FoldPick, Trial
         winner = max((t for t in finished if t.test_fold == fold), key=lambda t: (t.best[VAL_ACCURACY], -t.lr, -t.batch_size))
         b = winner.best
         picks.append((FoldPick(fold, winner.lr, winner.batch_size, b[EPOCH], b[VAL_ACCURACY], b[TEST_ACCURACY],
-                               winner.name), winner))
+                               winner.name, winner.extra), winner))
     return picks
 
 
@@ -180,7 +191,7 @@ def compare_configs(configs: Sequence[ConfigResult], best: ConfigResult | None, 
         ratio = holdout_ratio(folds, common, fold_sizes)
         result = corrected_paired_ttest([c.test_accuracy[f] for f in common], [best.test_accuracy[f] for f in common], ratio)
         p = result["p_value"]
-        out.append({"lr": c.lr, "batch_size": c.batch_size, **result, "test_train_ratio": ratio,
+        out.append({"lr": c.lr, "batch_size": c.batch_size, **({"extra": dict(c.extra)} if c.extra else {}), **result, "test_train_ratio": ratio,
                     "significant": None if p is None else bool(p < ALPHA)})
     return out
 
@@ -202,7 +213,7 @@ def select(trials: Sequence[TrialHistory], folds: Sequence[int], fold_sizes: Map
     best = pick_config(configs, "mean_val_accuracy")
     export = None
     if best is not None:
-        own = [t for t in finished if t.config_key == (best.lr, best.batch_size)]
+        own = [t for t in finished if t.config_key == (best.lr, best.batch_size, best.extra)]
         chosen = max(own, key=lambda t: (t.best[VAL_ACCURACY], -t.test_fold))
         export = (chosen.name, int(chosen.best[EPOCH]))
     return Selection(per_fold=[p for p, _ in picks], configs=configs, best_config=best,

@@ -16,9 +16,10 @@ from typing import Any, Mapping, Sequence
 
 from ..config import TrainConfig
 from ..errors import AstCvError
-from ..store.experiment import format_lr
+from ..store.experiment import axis_text, extra_axes, extra_points, format_lr
 from ..store.footprint import Footprint
 from ..store.storage import Store, is_uri, join
+from .axes import expand_axes, parse_axes
 
 GRID_KEYS = ("test_fold", "lr", "batch_size")
 DEFAULT_NAME = "ast-cv"
@@ -87,7 +88,7 @@ class Plan:
 
     @property
     def trials(self) -> int:
-        return len(self.grid["test_fold"]) * len(self.grid["lr"]) * len(self.grid["batch_size"])
+        return len(self.grid["test_fold"]) * len(self.grid["lr"]) * len(self.grid["batch_size"]) * len(extra_points(self.grid))
 
 
 def absolute(path: str) -> str:
@@ -149,6 +150,7 @@ def build_grid(space: Mapping[str, Any], args: argparse.Namespace) -> tuple[dict
     if args.batch_sizes:
         grid["batch_size"] = list(args.batch_sizes)
     grid["lr"], grid["batch_size"] = distinct_lrs(grid["lr"]), sorted(set(int(b) for b in grid["batch_size"]))
+    grid.update(parse_axes(getattr(args, "grid", None)))  # --grid NAME=V1,V2: extra axes after the three
     return grid, fixed, folds
 
 
@@ -195,6 +197,11 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def _axis_set(axes: Mapping[str, list]) -> dict[str, set[str]]:
+    """Extra axes compared as sets of value texts (the order they were given in does not matter)."""
+    return {k: {axis_text(v) for v in vals} for k, vals in axes.items()}
+
+
 def continued_values(manifest: Mapping[str, Any], asked: Mapping[str, Any], args: argparse.Namespace,
                      space_grid: Mapping[str, list] | None, exp_dir: str) -> tuple[dict[str, Any], dict[str, list], list[int]]:
     """(config values, grid, test folds added) of an experiment continued from its manifest.
@@ -215,6 +222,9 @@ def continued_values(manifest: Mapping[str, Any], asked: Mapping[str, Any], args
     for key, flag in (("lr", "--lrs"), ("batch_size", "--batch-sizes")):
         if wanted[key] and sorted(set(map(float, wanted[key]))) != sorted(set(map(float, grid[key]))):
             changed.append(f"{flag} (recorded {grid[key]})")
+    axes = parse_axes(getattr(args, "grid", None))
+    if axes and _axis_set(axes) != _axis_set(extra_axes(grid)):
+        changed.append(f"--grid (recorded {extra_axes(grid) or 'none'})")
     added = []
     if args.test_folds:
         folds = sorted(set(args.test_folds))
@@ -309,6 +319,12 @@ def first_config(values: Mapping[str, Any], grid: Mapping[str, list], resources:
     for key in ("lr", "batch_size"):
         for v in grid[key]:
             TrainConfig.from_dict({**config.to_dict(), key: v})
+    for key, values in extra_axes(grid).items():
+        for v in values:
+            try:
+                TrainConfig.from_dict(expand_axes({**config.to_dict(), key: v}))
+            except (AstCvError, ValueError) as exc:
+                raise AstCvError(f"--grid {key}={v}: {exc}") from None
     return config
 
 

@@ -17,6 +17,7 @@ from ..fit.checkpoint import pick_restore_point
 from ..config import TrainConfig
 from ..store.experiment import CUDA_VISIBLE_DEVICES, EPOCH, NODE_ID
 from ..store.storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
+from .axes import expand_axes
 from .cluster import require_cuda
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
     from .live import live_curves
 
     startup["imports_s"] = round(time.perf_counter() - began, 4)
-    config = TrainConfig.from_dict({**base, **trial_config})
+    config = TrainConfig.from_dict(expand_axes({**base, **trial_config}))  # --grid aliases set their fields
     sweep_temp()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     placement = {NODE_ID: ray.get_runtime_context().get_node_id(),

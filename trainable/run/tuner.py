@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from ..fit.checkpoint import SIMULATE_DISK_FULL_ENV
 from ..fit.curves import LIVE_EVERY_ENV
 from ..errors import AstCvError
-from ..store.experiment import EPOCH, expected_trials, trial_dirname
+from ..store.experiment import EPOCH, expected_trials, extra_axes, trial_dirname
 from .cluster import NodeProblem, code_env, on_cluster
 from .live import syncs_artifacts
 from ..store.lock import check_held
@@ -82,7 +82,7 @@ def driver_env(debug: bool) -> Iterator[None]:
 
 def trial_name(trial) -> str:
     c = trial.config
-    return trial_dirname(c["test_fold"], c["lr"], c["batch_size"])
+    return trial_dirname(c["test_fold"], c["lr"], c["batch_size"], {k: v for k, v in c.items() if k not in GRID_KEYS})
 
 
 @dataclass
@@ -370,4 +370,4 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
 def describe_grid(grid) -> str:
     n_f, n_lr, n_bs = (len(grid[k]) for k in GRID_KEYS)
     return (f"{n_f} fold{'s' * (n_f != 1)} x {n_lr} learning rate{'s' * (n_lr != 1)} x "
-            f"{n_bs} batch size{'s' * (n_bs != 1)}")
+            f"{n_bs} batch size{'s' * (n_bs != 1)}" + "".join(f" x {len(v)} {k}" for k, v in extra_axes(grid).items()))

@@ -105,24 +105,66 @@ def format_lr(lr: float) -> str:
     return f"{mantissa}e{exponent}"
 
 
-def trial_dirname(test_fold: int, lr: float, batch_size: int) -> str:
-    """Readable trial folder name, e.g. ``fold03_lr5e-05_bs16``."""
-    return f"fold{int(test_fold):02d}_lr{format_lr(float(lr))}_bs{int(batch_size)}"
+AXIS_SEP = "__"  # between a trial folder's grid point and each extra axis: fold01_lr1e-05_bs8__specaug-on
+_AXIS_TEXT = re.compile(r"^[A-Za-z0-9.+-]+$")
 
 
-_TRIAL_DIR = re.compile(r"^fold(\d{2})_lr([0-9.]+e[-+]\d+)_bs(\d+)$")
+def axis_text(value: Any) -> str:
+    """An extra grid axis value as it reads in trial folder names, summaries and tables: on, 0.5, adam, true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def extra_suffix(extra: Mapping[str, Any] | None) -> str:
+    """``__name-value`` per extra axis, by name ('' without any)."""
+    return "".join(f"{AXIS_SEP}{k}-{axis_text(v)}" for k, v in sorted((extra or {}).items()))
+
+
+def trial_dirname(test_fold: int, lr: float, batch_size: int, extra: Mapping[str, Any] | None = None) -> str:
+    """Readable trial folder name, e.g. ``fold03_lr5e-05_bs16`` (``fold03_lr5e-05_bs16__specaug-on`` on a grid with
+    extra axes)."""
+    return f"fold{int(test_fold):02d}_lr{format_lr(float(lr))}_bs{int(batch_size)}" + extra_suffix(extra)
+
+
+_TRIAL_DIR = re.compile(r"^fold(\d{2})_lr([0-9.]+e[-+]\d+)_bs(\d+)((?:__[a-z][a-z0-9_]*-[A-Za-z0-9.+-]+)*)$")
 
 
 def parse_trial_dirname(name: str) -> dict[str, Any] | None:
-    """The grid point a trial folder's name holds (``trial_dirname`` read back), or None for another folder."""
+    """The grid point a trial folder's name holds (``trial_dirname`` read back), or None for another folder. Extra axes
+    come back under "extra" as their text (``axis_text``), only when the name has any."""
     m = _TRIAL_DIR.match(name)
-    return {"test_fold": int(m[1]), "lr": float(m[2]), "batch_size": int(m[3])} if m else None
+    if not m:
+        return None
+    point: dict[str, Any] = {"test_fold": int(m[1]), "lr": float(m[2]), "batch_size": int(m[3])}
+    if m[4]:
+        point["extra"] = dict(part.split("-", 1) for part in m[4].split(AXIS_SEP)[1:])
+    return point
+
+
+def extra_axes(grid: Mapping[str, Any]) -> dict[str, list]:
+    """The grid's axes beyond test fold, lr and batch size (``--grid NAME=V1,V2``), in their recorded order."""
+    return {k: list(v) for k, v in grid.items() if k not in ("test_fold", "lr", "batch_size")}
+
+
+def extra_points(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the extra axes' values ([{}] without any)."""
+    points: list[dict[str, Any]] = [{}]
+    for key, values in extra_axes(grid).items():
+        points = [{**p, key: v} for p in points for v in values]
+    return points
+
+
+def trial_extra(name: str) -> tuple[tuple[str, str], ...]:
+    """A trial's extra axis values as (axis, text) pairs by axis name, read off its folder name (() without any)."""
+    point = parse_trial_dirname(name) or {}
+    return tuple(sorted(point.get("extra", {}).items()))
 
 
 def expected_trials(grid: Mapping[str, Any]) -> dict[str, tuple[int, float, int]]:
-    """Trial folder name -> (test fold, lr, batch size) of every point of the grid."""
-    return {trial_dirname(f, lr, bs): (int(f), float(lr), int(bs))
-            for f in grid["test_fold"] for lr in grid["lr"] for bs in grid["batch_size"]}
+    """Trial folder name -> (test fold, lr, batch size) of every point of the grid (extra axes: in the name)."""
+    return {trial_dirname(f, lr, bs, e): (int(f), float(lr), int(bs))
+            for f in grid["test_fold"] for lr in grid["lr"] for bs in grid["batch_size"] for e in extra_points(grid)}
 
 
 def package_versions() -> dict[str, str]:
