@@ -181,7 +181,7 @@ def epoch_rows(exp: Path) -> dict[str, dict[int, dict]]:
 
 
 @pytest.mark.slow
-def test_ray_trial_killed_mid_epoch_and_at_a_boundary_resumes_exactly(demo_assets, tmp_path):
+def test_ray_trial_killed_mid_epoch_resumes_exactly(demo_assets, tmp_path):
     steps = 3
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     reference = tmp_path / "uninterrupted"
@@ -204,14 +204,8 @@ def test_ray_trial_killed_mid_epoch_and_at_a_boundary_resumes_exactly(demo_asset
         kill_group(proc)
     assert {e for t in epoch_rows(storage / "exp").values() for e in t} == {1}
 
-    proc = start_run(args + ["--resume"], log, env)  # 2: killed at the boundary after epoch 2
-    try:
-        wait_for(lambda: any(2 in t for t in epoch_rows(storage / "exp").values()), proc, log)
-    finally:
-        kill_group(proc)
-
     finish = subprocess.run([sys.executable, "orchestrate.py", *args, "--resume"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=400)  # 3: finishes
+                            capture_output=True, text=True, timeout=400)  # 2: resumes, finishes
     assert finish.returncode == 0, finish.stdout[-3000:] + finish.stderr[-3000:]
 
     expected, got = epoch_rows(reference / "exp"), epoch_rows(storage / "exp")
