@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -93,30 +94,37 @@ def exported(tiny_ast_1024, tmp_path_factory):
     return export_model(load_model(str(tiny_ast_1024), list(US8K_CLASSES), num_frames=400), out, 400)
 
 
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    """A real S3 protocol server (moto's standalone server) with an empty bucket; the AWS variables point at it."""
-    boto3 = pytest.importorskip("boto3")
+@contextlib.contextmanager
+def moto_server(monkeypatch, **server_env):
+    """moto's standalone S3 server on a free port, the AWS variables pointing at it; yields the port once it answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, env={**os.environ, **server_env})
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     try:
         deadline = time.time() + 30
-        while True:
+        while True:  # the port answers (no request spent: a server counting requests sees only the test's)
             try:
-                boto3.client("s3").create_bucket(Bucket="astcv-test")
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
-            except Exception:
-                if time.time() > deadline:
-                    raise
+            except OSError:
+                assert time.time() < deadline, "moto's server did not start"
                 time.sleep(0.2)
-        yield "s3://astcv-test/runs"
+        yield port
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """A real S3 protocol server (moto's standalone server) with an empty bucket; the AWS variables point at it."""
+    boto3 = pytest.importorskip("boto3")
+    with moto_server(monkeypatch):
+        boto3.client("s3").create_bucket(Bucket="astcv-test")
+        yield "s3://astcv-test/runs"

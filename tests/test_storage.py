@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from conftest import moto_server
 import torch
 from safetensors.torch import load_file
 from transformers import ASTForAudioClassification
@@ -328,24 +329,7 @@ def s3_with_auth(monkeypatch):
     """moto's S3 server checking credentials (after its first 4 requests, which make the bucket and a user allowed
     everything); the AWS variables hold that user's keys. Yields (bucket URI, server port)."""
     boto3 = pytest.importorskip("boto3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"})
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    try:
-        deadline = time.time() + 30
-        while True:  # the port answers: no request spent before the 4 that set it up
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "moto's server did not start"
-                time.sleep(0.2)
+    with moto_server(monkeypatch, INITIAL_NO_AUTH_ACTION_COUNT="4") as port:
         boto3.client("s3").create_bucket(Bucket="astcv-auth")
         iam = boto3.client("iam")
         iam.create_user(UserName="runner")
@@ -355,9 +339,6 @@ def s3_with_auth(monkeypatch):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         yield "s3://astcv-auth/runs", port
-    finally:
-        server.kill()
-        server.wait()
 
 
 @pytest.mark.slow
