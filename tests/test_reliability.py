@@ -21,6 +21,7 @@ from trainable.fit.checkpoint import checkpoint_problem, load_checkpoint, pick_r
 from trainable.data.audio import read_headers
 from trainable.data.metadata import load_metadata
 from trainable.errors import AstCvError
+from trainable.faults import HOLD_AT_ENV, HOLD_MARK_ENV
 from trainable.store.experiment import trial_dirname, write_manifest
 from trainable.results.reduce import summarize
 
@@ -171,18 +172,18 @@ def _wait(predicate, proc, log, timeout=240):
 
 
 def _kill_worker_after_epoch_2(demo_assets, tmp_path, name, *extra, then=lambda trial: None):
-    """Run orchestrate.py with the trial held after reporting epoch 2 (trial.hold_if_asked: the driver has recorded
+    """Run orchestrate.py with the trial held after reporting epoch 2 (faults.hold_point: the driver has recorded
     epoch 2's result and checkpoint, and no later checkpoint exists); then call ``then(trial_dir)``, SIGKILL the worker,
     and wait for the run to finish (it must succeed). Returns (trial folder, log path)."""
     log, mark = tmp_path / "run.log", tmp_path / "held"
-    env = {**ENV, "ASTCV_TEST_HOLD_AFTER_EPOCH": "2", "ASTCV_TEST_HOLD_MARK": str(mark)}
+    env = {**ENV, HOLD_AT_ENV: "checkpoint_stored:2", HOLD_MARK_ENV: str(mark)}  # the 2nd report: epoch 2's
     proc = subprocess.Popen([sys.executable, "orchestrate.py", *base_args(*demo_assets, tmp_path, name, *extra)], cwd=ROOT,
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     trial = tmp_path / name / trial_dirname(1, 1e-3, 8)
     try:
         _wait(lambda: mark.is_file() and mark.read_text() and any(r.get("epoch") == 2 for r in _rows(trial)), proc, log)
         then(trial)
-        os.kill(int(mark.read_text()), signal.SIGKILL)
+        os.kill(int(mark.read_text().split()[1]), signal.SIGKILL)
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
         if proc.poll() is None:

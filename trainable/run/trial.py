@@ -12,19 +12,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..faults import kill_point
+from ..faults import hold_point, kill_point
 from ..fit.checkpoint import pick_restore_point
 from ..config import TrainConfig
-from ..store.experiment import CUDA_VISIBLE_DEVICES, EPOCH, NODE_ID
+from ..store.experiment import CUDA_VISIBLE_DEVICES, NODE_ID
 from ..store.storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
 from .axes import expand_axes
 from .cluster import require_cuda
 
 log = logging.getLogger(__name__)
-
-# A test hook (tests/test_reliability.py): after reporting this epoch (the driver has its result and checkpoint), the
-# trial waits, once per experiment (the mark file), until it is killed: a killed worker at a known point, not a race.
-HOLD_AFTER_EPOCH_ENV, HOLD_MARK_ENV = "ASTCV_TEST_HOLD_AFTER_EPOCH", "ASTCV_TEST_HOLD_MARK"
 
 _trials_in_this_process = 0  # Tune reuses a trial's worker for the next trial (see tuner.REUSE_WORKERS)
 
@@ -83,20 +79,6 @@ def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:
             return chosen
     log.warning("no usable checkpoint for this trial: restarting it from scratch")
     return None
-
-
-def hold_if_asked(epoch: int) -> None:
-    """Wait here forever if the hold hook names ``epoch`` and has not held before (see HOLD_AFTER_EPOCH_ENV)."""
-    mark = os.environ.get(HOLD_MARK_ENV)
-    if os.environ.get(HOLD_AFTER_EPOCH_ENV) != str(epoch) or not mark:
-        return
-    try:
-        with open(mark, "x") as fh:
-            fh.write(str(os.getpid()))
-    except FileExistsError:
-        return
-    while True:
-        time.sleep(1)
 
 
 def worker_startup() -> dict[str, Any]:
@@ -160,7 +142,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
             if is_disk_full(exc):
                 raise StorageFull(trial_dir, "a checkpoint could not be saved") from exc
             raise
-        hold_if_asked(int(metrics[EPOCH]))
+        hold_point("checkpoint_stored")
 
     with ExitStack() as stack:
         checkpoint = tune.get_checkpoint()

@@ -41,8 +41,7 @@ TIMELINE_ENV = "ASTCV_TIMELINE"  # a JSON file: the console's events of this ses
 POLL_S = 5.0  # how often the driver collects the trials' in-epoch progress
 # Variables the trials need from the driver's environment (runtime env of every Ray worker).
 PASSED_TO_TRIALS = ("HF_HUB_OFFLINE", "HF_HOME", "ASTCV_SIMULATE_OOM_ABOVE", "ASTCV_SIMULATE_OOM_IN_STEP",
-                    SIMULATE_DISK_FULL_ENV, LIVE_EVERY_ENV, "ASTCV_TEST_HOLD_AFTER_EPOCH", "ASTCV_TEST_HOLD_MARK",
-                    *FAULT_ENVS)
+                    SIMULATE_DISK_FULL_ENV, LIVE_EVERY_ENV, *FAULT_ENVS)
 
 
 # Ray's notice on every local start (RAY_AUTH_MODE unset): "Token authentication is enabled for this Ray cluster. Set
