@@ -121,9 +121,10 @@ def _results(out) -> None:
                      f"--storage-path and --name are needed (re-running the same command does this too). Changeable when "
                      f"continuing: {CHANGEABLE_FLAGS}")
     out.add_argument("--wait-for-lock", type=float, nargs="?", const=WAIT_FOR_LOCK_S, default=0.0, metavar="SECONDS",
-                     help="when another orchestrator's lock holds the experiment (e.g. a disconnected Colab VM's, taken "
-                     f"over once stale), wait for it with a countdown, up to SECONDS (without a value {WAIT_FOR_LOCK_S:.0f}), "
-                     "then continue, instead of stopping with 'run the same command again in N s' (default: do not wait)")
+                     help="when another orchestrator holds the experiment's lock and keeps refreshing it, wait for it with "
+                     f"a countdown, up to SECONDS (without a value {WAIT_FOR_LOCK_S:.0f}), and take it over once it stops "
+                     "changing, instead of stopping at once (default: do not wait; a lock that does not change is taken "
+                     "over after the watch either way)")
     out.add_argument("--no-space-check", action="store_true",
                      help="start even when the estimated disk need (printed before the first trial) exceeds the free space")
     out.add_argument("--max-failures", type=int, default=2,
@@ -139,15 +140,13 @@ def _results(out) -> None:
 
 WAIT_FOR_LOCK_S = 2.5 * STALE_S
 LOCK_POLL_S = 10.0
-LOCK_STALE_ENV = "ASTCV_LOCK_STALE_S"  # rehearsals and tests: a lock counts as stale after this many seconds
 
 
 def hold_lock(stack: ExitStack, folder: Path, wait_s: float) -> None:
     """Hold the experiment's lock for ``stack``'s block. Refused (another orchestrator holds it) and ``wait_s`` > 0:
     try again every LOCK_POLL_S with a countdown line until the lock is free or taken over, at most ``wait_s``."""
-    stale = {"stale_s": float(os.environ[LOCK_STALE_ENV])} if os.environ.get(LOCK_STALE_ENV) else {}
-    lock = ExperimentLock(folder, **stale)  # one instance: it may remember what it saw of the lock between tries
-    poll = min(LOCK_POLL_S, stale.get("stale_s", STALE_S) / 4)
+    lock = ExperimentLock(folder)  # one instance: it may remember what it saw of the lock between tries
+    poll = min(LOCK_POLL_S, lock.stale_s / 4)
     deadline, first = time.monotonic() + wait_s, True
     while True:
         try:
@@ -160,9 +159,7 @@ def hold_lock(stack: ExitStack, folder: Path, wait_s: float) -> None:
             if first:
                 print(f"Waiting for the lock (--wait-for-lock): {re.split(r' [(]|[.:] ', str(exc))[0]}.", flush=True)
                 first = False
-            hint = re.search(r"again in (\d+) s", str(exc))
-            print(f"  {'about ' + hint[1] + ' s until it may be taken over; ' if hint else 'still held; '}"
-                  f"giving up in {left:.0f} s", flush=True)
+            print(f"  still held; giving up in {left:.0f} s", flush=True)
             time.sleep(min(poll, left))
 
 

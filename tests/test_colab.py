@@ -227,6 +227,7 @@ def test_wait_for_lock_waits_while_the_holder_lives_with_a_countdown_then_takes_
 
     import orchestrate
     from trainable.errors import AstCvError
+    from trainable.store.lock import STALE_ENV
 
     def write(count):
         (tmp_path / ".astcv.lock").write_text(json.dumps({"pid": 4242, "host": "lost-colab-vm", "started": "earlier",
@@ -239,7 +240,7 @@ def test_wait_for_lock_waits_while_the_holder_lives_with_a_countdown_then_takes_
             write(i)
             time.sleep(0.1)
 
-    monkeypatch.setenv(orchestrate.LOCK_STALE_ENV, "1")
+    monkeypatch.setenv(STALE_ENV, "1")
     write(0)
     with ExitStack() as held:  # unchanged for the watch: taken over, no wait needed
         orchestrate.hold_lock(held, tmp_path, 0)

@@ -37,8 +37,9 @@ from .mutex import gone, identity, kill_descendants, mutex, stopped
 log = logging.getLogger(__name__)
 
 LOCK = ".astcv.lock"
-REFRESH_S = float(os.environ.get("ASTCV_LOCK_REFRESH_S", 10.0))
-STALE_S = float(os.environ.get("ASTCV_LOCK_STALE_S", 120.0))
+REFRESH_ENV, STALE_ENV = "ASTCV_LOCK_REFRESH_S", "ASTCV_LOCK_STALE_S"  # rehearsals and tests: shorter times
+REFRESH_S = float(os.environ.get(REFRESH_ENV, 10.0))
+STALE_S = float(os.environ.get(STALE_ENV, 120.0))
 LOST_EXIT = 2
 _active: "ExperimentLock | None" = None  # the lock this process holds, for check_held()
 
@@ -79,8 +80,9 @@ class ExperimentLock:
                  stale_s: float | None = None, on_lost: Callable[[str], None] = stop_process):
         self.folder = Path(exp_dir)
         self.path = self.folder / LOCK
-        self.refresh_s = REFRESH_S if refresh_s is None else refresh_s
-        self.stale_s = STALE_S if stale_s is None else stale_s
+        # the variables as they are when the lock is made (a test may set them after this module was imported)
+        self.refresh_s = float(os.environ.get(REFRESH_ENV, REFRESH_S)) if refresh_s is None else refresh_s
+        self.stale_s = float(os.environ.get(STALE_ENV, STALE_S)) if stale_s is None else stale_s
         self.record = {**identity(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "token": uuid.uuid4().hex,
                        "command": command or sys.argv, "refreshed": time.time(), "count": 0}
         self.on_lost = on_lost
