@@ -15,6 +15,7 @@ import pytest
 
 import orchestrate
 from trainable.data.metadata import US8K_FOLD_SIZES
+from trainable.faults import HOLD_AT_ENV, HOLD_MARK_ENV
 from trainable.store.experiment import trial_dirname
 from trainable.run.progress import Progress, TrialView, eta_seconds
 from trainable.results.reduce import summarize
@@ -200,12 +201,15 @@ def test_progress_eta_tensorboard_names_ctrl_c_and_a_resume_without_data_root(de
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = demo_args(demo_assets, tmp_path, "stop", "--test-folds", "1", "2", "3")
-    proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    held = tmp_path / "held"  # fold 2's trial waits after its first checkpoint: Ctrl-C once fold 1 has finished
+    env = {**ENV, HOLD_AT_ENV: f"checkpoint_stored:1@{trial_dirname(2, 1e-3, 8)}", HOLD_MARK_ENV: str(held)}
+    proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     first = tmp_path / "stop" / trial_dirname(1, 1e-3, 8) / "result.json"
-    deadline = time.time() + 240
-    while not (first.is_file() and len(first.read_text().splitlines()) >= 2) and time.time() < deadline:
-        time.sleep(0.2)  # the first trial has finished: Ctrl-C while the second runs
+    deadline = time.time() + 300
+    while not (held.is_file() and first.is_file() and len(first.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and proc.poll() is None, "fold 2 never held after its first checkpoint"
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err

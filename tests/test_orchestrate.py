@@ -15,6 +15,7 @@ from transformers import ASTForAudioClassification
 
 import orchestrate
 from search_spaces import SPACES
+from trainable.faults import HOLD_AT_ENV, HOLD_MARK_ENV
 from trainable.store.experiment import trial_dirname
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,30 +123,34 @@ def _finished(trial_dir: Path, epochs: int) -> bool:
 def test_sigkill_then_resume_finishes_without_rerunning_finished_trials(demo_assets, tmp_path):
     args = run_args(demo_assets, tmp_path, "killed", "--test-folds", "1", "2", "--lrs", "1e-3", "--batch-sizes", "8",
                     "--cpus-per-trial", "2")  # 2 epochs
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    exp = tmp_path / "killed"
+    names = [trial_dirname(f, 1e-3, 8) for f in (1, 2)]
+    mark = tmp_path / "held"
+    # Fold 2's trial waits after its first checkpoint (faults.hold_point), so the kill finds fold 1 finished and
+    # fold 2 half done (its epoch 1 recorded by the driver) however fast or slow the machine is.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           HOLD_AT_ENV: f"checkpoint_stored:1@{names[1]}", HOLD_MARK_ENV: str(mark)}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([sys.executable, "orchestrate.py", *args], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    exp = tmp_path / "killed"
-    names = [trial_dirname(f, 1e-3, 8) for f in (1, 2)]
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     try:
-        # Kill once one trial has finished and the next has written its first checkpoint.
         while time.time() < deadline:
             done = [n for n in names if _finished(exp / n, 2)]
-            started = [n for n in names if n not in done and list((exp / n).glob("checkpoint_*/trainer_state.json"))]
-            if done and started:
+            if mark.is_file() and mark.read_text() and done == names[:1] and _finished(exp / names[1], 1):
                 break
             assert proc.poll() is None, (tmp_path / "first.log").read_text()
             time.sleep(0.2)
         else:
-            pytest.fail("no checkpoint within the deadline:\n" + (tmp_path / "first.log").read_text())
+            pytest.fail("fold 2 never held after its first checkpoint:\n" + (tmp_path / "first.log").read_text())
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started, as a crashed runtime
         proc.wait()
+    started = names[1:]
     finished_before = {n: (exp / n / "result.json").read_bytes() for n in done}
     time.sleep(1)
 
+    env = {k: v for k, v in env.items() if k not in (HOLD_AT_ENV, HOLD_MARK_ENV)}
     second = subprocess.run([sys.executable, "orchestrate.py", *args, "--resume"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr

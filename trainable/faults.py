@@ -3,7 +3,9 @@ after a named moment (the kill-point sweep, tests/test_killpoints.py); ``hold_po
 it wait there until it is killed (a worker killed at a known moment, tests/test_reliability.py). Both do nothing unless
 a test asked for them.
 
-    ASTCV_KILL_AT=<name>[:<nth>]   kill at the nth time (default 1st) this process reaches ``name``
+    ASTCV_KILL_AT=<name>[:<nth>][@<where>]
+                                   kill at the nth time (default 1st) this process reaches ``name``; with ``@<where>``
+                                   only where the caller's ``where`` (a trial's name) contains it
     ASTCV_KILL_MARK=<file>         created ("<name> <pid>") when the kill fires; while it exists the point is off
     ASTCV_KILL_PID=<pid>           the driver's pid (set by the driver, passed to Ray's workers): a point reached in a
                                    trial kills the driver, not only the worker
@@ -39,11 +41,12 @@ def mark_driver() -> None:
         os.environ[KILL_PID_ENV] = str(os.getpid())
 
 
-def _fires(at_env: str, mark_env: str, name: str) -> bool:
-    """Whether ``name`` is the moment ``at_env`` arms, on its nth visit in this process, and the first to get there
-    (the mark file, created at once, keeps every later visit, in any process, from firing)."""
-    point, _, nth = os.environ.get(at_env, "").partition(":")
-    if point != name:
+def _fires(at_env: str, mark_env: str, name: str, where: str) -> bool:
+    """Whether ``name`` (reached in ``where``) is the moment ``at_env`` arms, on its nth visit in this process, and
+    the first to get there (the mark file, created at once, keeps every later visit, in any process, from firing)."""
+    spec, _, scope = os.environ.get(at_env, "").partition("@")
+    point, _, nth = spec.partition(":")
+    if point != name or scope not in where:
         return False
     _seen[at_env, name] = _seen.get((at_env, name), 0) + 1
     if _seen[at_env, name] != int(nth or 1):
@@ -59,9 +62,9 @@ def _fires(at_env: str, mark_env: str, name: str) -> bool:
     return True
 
 
-def kill_point(name: str) -> None:
+def kill_point(name: str, where: str = "") -> None:
     """SIGKILL the driver (and this process) if ``name`` is the armed moment, its nth visit, and it has not fired."""
-    if not _fires(KILL_AT_ENV, KILL_MARK_ENV, name):
+    if not _fires(KILL_AT_ENV, KILL_MARK_ENV, name, where):
         return
     driver = int(os.environ.get(KILL_PID_ENV) or os.getpid())
     try:
@@ -72,9 +75,9 @@ def kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def hold_point(name: str) -> None:
+def hold_point(name: str, where: str = "") -> None:
     """Wait here until killed if ``name`` is the held moment, its nth visit, and no process has held before."""
-    if _fires(HOLD_AT_ENV, HOLD_MARK_ENV, name):
+    if _fires(HOLD_AT_ENV, HOLD_MARK_ENV, name, where):
         while True:
             time.sleep(1)
 

@@ -137,12 +137,12 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
         curves.epoch(metrics)  # on disk before Ray has the result
         try:
             tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
-            kill_point("checkpoint_stored")  # the checkpoint is on storage; the driver has not registered it yet
+            kill_point("checkpoint_stored", name)  # the checkpoint is on storage; the driver has not registered it yet
         except Exception as exc:
             if is_disk_full(exc):
                 raise StorageFull(trial_dir, "a checkpoint could not be saved") from exc
             raise
-        hold_point("checkpoint_stored")
+        hold_point("checkpoint_stored", name)
 
     with ExitStack() as stack:
         checkpoint = tune.get_checkpoint()
