@@ -305,3 +305,29 @@ def test_rays_token_notice_on_a_local_start_is_quieted():
         logger.removeHandler(handler)
     assert not any("Token authentication is enabled" in m for m in quiet) and "another warning" in quiet, quiet
     assert any("Token authentication is enabled" in m for m in seen), seen
+
+
+def test_only_the_slow_snapshot_warning_of_tunes_quieted_ones_is_shown():
+    """Tune's loggers are quiet while the orchestrator runs, except the warning that the experiment snapshot (what a
+    resume restores from) is slow to reach storage; Tune's routine 'snapshotting has been triggered multiple times'
+    (every checkpoint forces one here) stays out. Ray's own logger and messages, read with a handler on it."""
+    import logging
+
+    from ray.tune.execution import experiment_state
+
+    from trainable.run.tuner import driver_env
+
+    seen: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = experiment_state.logger
+    logger.addHandler(handler)
+    try:
+        with driver_env(debug=False):
+            logger.warning("Experiment state snapshotting has been triggered multiple times in the last 5.0 seconds")
+            logger.warning("Saving the experiment state (which holds a global view of trial statuses) has already "
+                           "taken 31.00 seconds")
+            logging.getLogger("ray.tune.tune").warning("quieted")
+    finally:
+        logger.removeHandler(handler)
+    assert len(seen) == 1 and seen[0].startswith("Saving the experiment state"), seen

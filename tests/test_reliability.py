@@ -320,3 +320,23 @@ def test_a_run_without_address_starts_a_ray_of_its_own_beside_a_running_one(demo
             ray.shutdown()
     finally:
         cluster.shutdown()
+
+
+def test_a_cluster_that_refuses_us_is_named_apart_from_no_cluster():
+    """ray.init says only 'Failed to connect to Ray cluster' both when a cluster's token authentication refuses this
+    machine (measured: a head started with RAY_AUTH_MODE=token, joined with a wrong token or with auth disabled) and
+    when nothing listens; the first now names the token, the second the address and 'ray start --head'."""
+    import socket
+
+    from trainable.run.cluster import connect_problem
+
+    failed = ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379.")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        refused = connect_problem(address, failed)
+    closed = connect_problem(address, failed)  # the port was just released: nothing answers
+    assert "answers but refused" in refused and "RAY_AUTH_MODE=token" in refused and "RAY_AUTH_TOKEN" in refused
+    assert "nothing answers there" in closed and "ray start --head" in closed and "token" not in closed
+    assert "Failed to connect" in connect_problem("auto", failed) and "\n" not in refused + closed

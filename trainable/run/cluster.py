@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -232,3 +233,32 @@ def _remove_markers(plan: Plan, token: str) -> None:
     for info in infos:
         if info.base_name.startswith(MARKER + token):
             store.delete(info.base_name)
+
+
+def answers(address: str, timeout_s: float = 5.0) -> bool | None:
+    """Whether something listens at a 'host:port' address (None when the address has another form: 'auto',
+    'ray://...')."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def connect_problem(address: str, error: Exception) -> str:
+    """One line for a failed ``ray.init(address=...)``: a cluster that answers but refused us is most often token
+    authentication (Ray says only 'Failed to connect'); nothing answering means no cluster there."""
+    said = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    listening = answers(address)
+    if listening:
+        return (f"Cannot join the Ray cluster at --address {address}: it answers but refused this connection ({said}). "
+                f"Most often its token authentication did not accept this machine: set RAY_AUTH_MODE=token and give "
+                f"the cluster's token (the head's 'ray get-auth-token' prints it) as RAY_AUTH_TOKEN, or in the file "
+                f"~/.ray/auth_token or RAY_AUTH_TOKEN_PATH; also check that this machine's Ray version is the cluster's.")
+    where = "nothing answers there" if listening is False else said
+    return (f"Cannot connect to the Ray cluster at --address {address}: {where}. Check the address and port (the "
+            f"head's 'ray status' shows them); start a cluster with 'ray start --head', or leave --address out to "
+            f"run on this machine.")
