@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from trainable.config import TrainConfig
+from trainable.faults import KILL_AT_ENV, KILL_MARK_ENV
 from trainable.fit.model import build_tiny_ast
 from trainable.fit.oom import SIMULATE_OOM_ENV
 from trainable.fit.train import fit
@@ -181,7 +182,7 @@ def epoch_rows(exp: Path) -> dict[str, dict[int, dict]]:
 
 
 @pytest.mark.slow
-def test_ray_trial_killed_mid_epoch_resumes_exactly(demo_assets, tmp_path):
+def test_ray_trial_killed_mid_epoch_then_at_an_epoch_boundary_resumes_exactly(demo_assets, tmp_path):
     steps = 3
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     reference = tmp_path / "uninterrupted"
@@ -204,9 +205,19 @@ def test_ray_trial_killed_mid_epoch_resumes_exactly(demo_assets, tmp_path):
         kill_group(proc)
     assert {e for t in epoch_rows(storage / "exp").values() for e in t} == {1}
 
+    # 2: resumes (epoch 2 redone from epoch 1's checkpoint); killed, the driver with it, at the epoch boundary: right
+    # after epoch 2's checkpoint is on storage, before the driver has registered it (faults.kill_point)
+    fired = tmp_path / "fired"
+    boundary = subprocess.run([sys.executable, "orchestrate.py", *args, "--resume"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=400, start_new_session=True,
+                              env={**env, KILL_AT_ENV: "checkpoint_stored", KILL_MARK_ENV: str(fired)})
+    assert boundary.returncode == -signal.SIGKILL and fired.is_file(), boundary.stdout[-3000:] + boundary.stderr[-3000:]
+    assert {e for t in epoch_rows(storage / "exp").values() for e in t} == {1, 2}
+
     finish = subprocess.run([sys.executable, "orchestrate.py", *args, "--resume"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=400)  # 2: resumes, finishes
+                            capture_output=True, text=True, timeout=400)  # 3: resumes from epoch 2, finishes
     assert finish.returncode == 0, finish.stdout[-3000:] + finish.stderr[-3000:]
+    assert " epoch 3/3" in finish.stdout and " epoch 2/3" not in finish.stdout, "epoch 2 was redone:\n" + finish.stdout
 
     expected, got = epoch_rows(reference / "exp"), epoch_rows(storage / "exp")
     assert got.keys() == expected.keys() and len(got) == 1
