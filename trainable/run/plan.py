@@ -43,14 +43,16 @@ class Resources:
     address: str | None
     auto_gpus: bool = False  # --gpus-per-trial auto on a cluster: settled from its nodes (run.cluster.settle_resources)
     auto_cpus: bool = False  # --cpus-per-trial left at its default
+    cluster_slots: int | None = None  # trials the cluster's alive nodes run at once, once settled on them
 
     def as_ray(self) -> dict[str, float]:
         return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
 
     def slots(self, cpu_count: int | None = None) -> int | None:
-        """How many trials a local Ray start runs at once (None on a cluster: it depends on the nodes)."""
+        """How many trials run at once: on a local Ray start from this machine's CPUs and GPUs, on a cluster from its
+        alive nodes once settled (None before)."""
         if self.address is not None:
-            return None
+            return self.cluster_slots
         limits = [math.floor((cpu_count or os.cpu_count() or 1) / self.cpus_per_trial + 1e-9)]
         if self.gpus_per_trial > 0:
             limits.append(math.floor((self.num_gpus or 0) / self.gpus_per_trial + 1e-9))
