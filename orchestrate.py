@@ -181,7 +181,7 @@ def record(plan, args) -> None:
     """Write the manifest of a new experiment, or record the grid's added test folds in an existing one."""
     if not plan.restore:
         write_manifest(plan.store, command=[sys.executable, *sys.argv], base_config=plan.trial_base, grid=plan.grid,
-                       classes=plan.classes, resources=plan.resources.as_ray(), address=plan.resources.address,
+                       classes=plan.classes, resources=plan.resources.requested(), address=plan.resources.address,
                        skipped_clips=plan.skipped,
                        fold_sizes=plan.fold_sizes,
                        fsids_in_several_folds={str(k): v for k, v in plan.fsids_in_several_folds.items()},

@@ -83,6 +83,25 @@ def test_on_a_cluster_the_disk_preflight_counts_the_trials_it_runs_at_once_and_n
         "temporary checkpoints", "checkpoints"]
 
 
+def test_the_manifest_records_the_resources_asked_for_so_a_resume_settles_them_again():
+    from argparse import Namespace
+
+    from trainable.run.plan import plan_resources
+
+    t4 = [Node("w", "10.0.0.2", 8, 1, "T4")]
+
+    def asked(gpt=None, cpt=None, address="auto"):
+        return plan_resources(Namespace(address=address, gpus=0 if address is None else None, gpus_per_trial=gpt,
+                                        cpus_per_trial=cpt), 0)
+
+    settled = settle_resources(asked(), t4)
+    assert (settled.gpus_per_trial, settled.cpus_per_trial) == (1.0, 2.0)
+    assert settled.requested() == {"cpu": "auto", "gpu": "auto"}  # not 2 CPU + 1 GPU: another cluster settles anew
+    assert settle_resources(asked("auto", 3.0), t4).requested() == {"cpu": 3.0, "gpu": "auto"}
+    assert settle_resources(asked(0.0), t4).requested() == {"cpu": "auto", "gpu": 0.0}
+    assert asked(address=None).requested() == {"cpu": "auto", "gpu": "auto"}
+
+
 def test_the_nodes_must_agree_on_the_clips_that_cannot_be_used_and_a_node_without_cuda_is_named_in_one_line():
     same = {"fold1/a.wav": "empty file"}
     assert agreed_exclusions([("node A", same), ("node B", dict(same))]) == same
@@ -293,9 +312,10 @@ def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_r
     else:
         assert len(list(cache.glob("*-f400/index.json"))) == 1 and not list(cache.glob("*.building*"))
 
-    # 4. The experiment records its cluster: continuing it without --address is refused (not run on this machine).
+    # 4. The experiment records its cluster and the resources asked for (CPUs left to settle on the next cluster):
+    # continuing it without --address is refused (not run on this machine).
     manifest = json.loads((storage / "cpu" / MANIFEST).read_text())
-    assert manifest["address"] == address
+    assert manifest["address"] == address and manifest["resources"] == {"cpu": "auto", "gpu": 0.0}
     assert orchestrate.main(["--storage-path", str(storage), "--name", "cpu", "--resume"]) == 2
     assert "pass --address again" in capsys.readouterr().err
     if local is None:
