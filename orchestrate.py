@@ -88,8 +88,9 @@ def _what_to_run(run) -> None:
 def _cache_and_resources(cache, res) -> None:
     cache.add_argument("--cache-dir", default=None,
                        help="where the feature cache lives: each clip's features computed once (before trials start), "
-                       f"shared by all trials (default: {DEFAULT_CACHE}, this machine's disk; on a cluster pass a folder "
-                       "every node sees to build it once, else each node builds its own in its first trial)")
+                       f"shared by all trials (default: {DEFAULT_CACHE}, this machine's disk; on a cluster each node that "
+                       "runs trials builds its own there before the first trial, with its CPUs: a folder every node "
+                       "sees builds it once)")
     cache.add_argument("--no-cache", action="store_true",
                        help="decode and featurize every clip in every epoch instead (the original recipe; slower)")
     res.add_argument("--gpus", type=float, default=None,
@@ -180,7 +181,7 @@ def record(plan, args) -> None:
     """Write the manifest of a new experiment, or record the grid's added test folds in an existing one."""
     if not plan.restore:
         write_manifest(plan.store, command=[sys.executable, *sys.argv], base_config=plan.trial_base, grid=plan.grid,
-                       classes=plan.classes, resources=plan.resources.as_ray(), address=plan.resources.address,
+                       classes=plan.classes, resources=plan.resources.requested(), address=plan.resources.address,
                        skipped_clips=plan.skipped,
                        fold_sizes=plan.fold_sizes,
                        fsids_in_several_folds={str(k): v for k, v in plan.fsids_in_several_folds.items()},
@@ -278,17 +279,17 @@ def is_complete(plan) -> bool:
 
 
 def train(plan, meta, headers, args):
-    """Check the disk, build the cache, record the plan and run the trials: (outcome, summary), summary None when
-    interrupted."""
+    """Check the disk (and on a cluster each node), build the cache, record the plan and run the trials: (outcome,
+    summary), summary None when interrupted. On a cluster all of it runs joined to it, the plan settled on its nodes."""
     from trainable.run.prepare import preflight, prepare_inputs
+    from trainable.run.tuner import cluster_session, run_experiment
     from trainable.results.reduce import summarize
 
-    plan = preflight(plan, meta, args.refit, args.no_space_check)
-    plan = prepare_inputs(plan, meta, headers)
-    record(plan, args)
-    from trainable.run.tuner import run_experiment
-
-    outcome = run_experiment(plan, args.debug, args.max_failures)
+    with cluster_session(plan, args.debug) as plan:
+        plan = preflight(plan, meta, args.refit, args.no_space_check)
+        plan = prepare_inputs(plan, meta, headers)
+        record(plan, args)
+        outcome = run_experiment(plan, args.debug, args.max_failures)
     if outcome.interrupted and not outcome.failed:
         return outcome, None
     summary = summarize(plan.store)

@@ -86,6 +86,28 @@ def test_trials_starting_together_build_once(synth_root, tmp_path):
     assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 1
 
 
+def test_machines_sharing_the_cache_folder_never_write_into_one_anothers_build(synth_root, tmp_path, monkeypatch):
+    """A cluster's nodes on one NFS folder, where the file lock may not reach across machines: each builds into a
+    folder of its own; one that finishes after the cache is there keeps that one (trials may have it open)."""
+    from trainable.data import cache as cache_module
+
+    meta = load_metadata(synth_root)
+    monkeypatch.setattr(cache_module.socket, "gethostname", lambda: "node-a")
+    path = _cache(synth_root, tmp_path / "c", 256, workers=1).path
+    shutil.rmtree(path)
+    a_building = path.with_name(path.name + ".building-node-a")
+    a_building.mkdir()
+    (a_building / "features.npy").write_bytes(b"node A is writing this")  # node A's build, under way
+    monkeypatch.setattr(cache_module.socket, "gethostname", lambda: "node-b")
+    built = _cache(synth_root, tmp_path / "c", 256, workers=1)  # node B builds at the same time, and is done first
+    assert (a_building / "features.npy").read_bytes() == b"node A is writing this"
+    first = (path.stat().st_ino, built.array().copy())
+    monkeypatch.setattr(cache_module.socket, "gethostname", lambda: "node-a")
+    cache_module.build(path, synth_root, meta, 256, workers=1)  # node A finishes: B's cache stays, A's is dropped
+    assert path.stat().st_ino == first[0] and np.array_equal(_cache(synth_root, tmp_path / "c", 256).array(), first[1])
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.is_dir()] == [path.name]
+
+
 def test_auto_frames_fit_the_longest_clip(synth_root, tmp_path):
     meta = load_metadata(synth_root)
     assert auto_num_frames(synth_root, meta) == 400  # generated clips last up to 4 s, like UrbanSound8K's

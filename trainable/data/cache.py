@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -104,15 +105,31 @@ def cache_is_built(config: TrainConfig, meta: pd.DataFrame) -> bool:
 
 
 def build(path: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int, workers: int | None = None) -> None:
-    """Compute every clip's features in parallel into ``path`` (written to a temporary folder, then renamed)."""
-    tmp = path.with_name(path.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Compute every clip's features in parallel into ``path``: written to a folder of this machine's own beside it,
+    then renamed. Machines that share the cache folder (a cluster's NFS, where the file lock may not reach across them)
+    never write into one another's files, and one that finds the cache built when it is done keeps that one (trials
+    may have it open) and drops its own."""
+    tmp = path.with_name(f"{path.name}.building-{socket.gethostname()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a build of this machine's that was killed (the lock is held: not running)
     tmp.mkdir(parents=True)
+    workers = workers or max(1, (os.cpu_count() or 1))
+    log.info("building the feature cache (%d clips, %d frames) in %s with %d processes", len(meta), num_frames, path, workers)
+    try:
+        _build_into(tmp, data_root, meta, num_frames, workers)
+        if not (path / INDEX).is_file():
+            try:
+                tmp.rename(path)
+            except OSError:
+                if not (path / INDEX).is_file():  # not another machine's build that got there first
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_into(tmp: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int, workers: int) -> None:
     clips = sorted(zip(meta["fold"].astype(int), meta["slice_file_name"]))
     out = np.lib.format.open_memmap(tmp / FEATURES, mode="w+", dtype=STORE_DTYPE, shape=(len(clips), num_frames, NUM_MEL_BINS))
     jobs = [(str(audio_path(data_root, f, n)), num_frames) for f, n in clips]
-    workers = workers or max(1, (os.cpu_count() or 1))
-    log.info("building the feature cache (%d clips, %d frames) in %s with %d processes", len(clips), num_frames, path, workers)
     bad: list[str] = []
     for i, feats in enumerate(parallel_map(_compute, jobs, workers, "feature cache")):
         if isinstance(feats, str):
@@ -125,8 +142,6 @@ def build(path: Path, data_root: str | Path, meta: pd.DataFrame, num_frames: int
     del out
     (tmp / INDEX).write_text(json.dumps({"num_frames": num_frames, "dtype": np.dtype(STORE_DTYPE).name,
                                          "clips": [[int(f), str(n)] for f, n in clips], "bad": bad}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
 
 
 class CachedDataset(torch.utils.data.Dataset):

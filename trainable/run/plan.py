@@ -41,16 +41,24 @@ class Resources:
     gpus_per_trial: float
     num_gpus: float | None
     address: str | None
-    auto_gpus: bool = False  # --gpus-per-trial auto on a cluster: settled from its nodes (run.cluster.settle_resources)
+    auto_gpus: bool = False  # --gpus-per-trial auto (or left out); on a cluster settled from its nodes (run.cluster)
     auto_cpus: bool = False  # --cpus-per-trial left at its default
+    cluster_slots: int | None = None  # trials the cluster's alive nodes run at once, once settled on them
 
     def as_ray(self) -> dict[str, float]:
         return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
 
+    def requested(self) -> dict[str, float | str]:
+        """What the flags asked for ("auto" where left to the machine or the cluster), as the manifest records it:
+        a continued run settles them again on the machine or cluster it runs on."""
+        return {"cpu": "auto" if self.auto_cpus else self.cpus_per_trial,
+                "gpu": "auto" if self.auto_gpus else self.gpus_per_trial}
+
     def slots(self, cpu_count: int | None = None) -> int | None:
-        """How many trials a local Ray start runs at once (None on a cluster: it depends on the nodes)."""
+        """How many trials run at once: on a local Ray start from this machine's CPUs and GPUs, on a cluster from its
+        alive nodes once settled (None before)."""
         if self.address is not None:
-            return None
+            return self.cluster_slots
         limits = [math.floor((cpu_count or os.cpu_count() or 1) / self.cpus_per_trial + 1e-9)]
         if self.gpus_per_trial > 0:
             limits.append(math.floor((self.num_gpus or 0) / self.gpus_per_trial + 1e-9))
@@ -300,8 +308,8 @@ def plan_resources(args: argparse.Namespace, torch_gpus: int, cpu_count: int | N
         cpus = min(cpus, float(cpu_count or os.cpu_count() or 1))
     if cpus <= 0:
         raise AstCvError("--cpus-per-trial must be > 0.")
-    auto = args.address is not None and asked in (None, "auto")
-    return Resources(cpus, gpus, num_gpus, args.address, auto_gpus=auto, auto_cpus=args.cpus_per_trial is None)
+    return Resources(cpus, gpus, num_gpus, args.address, auto_gpus=asked in (None, "auto"),
+                     auto_cpus=args.cpus_per_trial is None)
 
 
 def cache_dir(args: argparse.Namespace) -> str:

@@ -1,6 +1,7 @@
-"""Everything before the first trial, in the driver: the Plan from the flags (or the experiment's manifest), the model
-resolved once, the clips checked and the feature cache built, and the disk the plan needs against what is free.
-Each step fails in one line on what a user can fix, before Ray starts and before anything is written.
+"""Everything before the first trial: the Plan from the flags (or the experiment's manifest), the model resolved once,
+the disk the plan needs against what is free, the clips checked and the feature cache built. Each step fails in one
+line on what a user can fix, before anything is written. Locally all of it runs in the driver, before Ray starts; on a
+cluster (connected, the plan settled on its nodes) each node that runs trials checks itself and builds its own cache.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def prepare_inputs(plan: Plan, meta, headers) -> Plan:
     """
     from ..data.metadata import clip_id, recordings_in_several_folds
 
-    if plan.config.feature_cache:
+    if plan.resources.address is not None:
+        bad = _prepare_on_nodes(plan, meta)
+    elif plan.config.feature_cache:
         from ..data.cache import FeatureCache
 
         cache = FeatureCache.open(plan.config, meta)
@@ -121,6 +124,19 @@ def prepare_inputs(plan: Plan, meta, headers) -> Plan:
                                fold_sizes={f: usable.count(f) for f in sorted(set(usable))})
 
 
+def _prepare_on_nodes(plan: Plan, meta) -> dict[str, str]:
+    """On a cluster: each node that runs trials builds its own feature cache (or decodes every clip) with its CPUs, the
+    driver none; the clips that cannot be used, the same on every node."""
+    from .cluster import NodeCheck, prepare_nodes
+
+    what = "build the feature cache" if plan.config.feature_cache else "decode every clip (--no-cache)"
+    print(f"The nodes that run trials {what}, each with its CPUs:", flush=True)
+    lines, bad = prepare_nodes(NodeCheck(plan.exp_dir, plan.config, meta, plan.resources))
+    for line in lines:
+        print(f"  {line}", flush=True)
+    return bad
+
+
 def trials_finished(plan: Plan) -> set[str]:
     """Names of the experiment's trials that have reported their last epoch."""
     if not plan.restore:
@@ -135,30 +151,62 @@ def trials_finished(plan: Plan) -> set[str]:
     return finished
 
 
+CACHE = "feature cache"
+
+
+def footprint(plan: Plan, params: int, left: int, refit: bool) -> Footprint:
+    """The disk of the ``left`` trials to run, as many at once as this machine or the cluster's nodes run (the plan's
+    resources settled on them; all of them when that is not known)."""
+    return Footprint(params=params, trials_left=left, at_once=plan.resources.slots() or left, epochs=plan.config.epochs,
+                     keep=plan.config.keep_checkpoints, refit=refit)
+
+
+def driver_needs(plan: Plan, fp: Footprint, meta) -> list[Need]:
+    """The disk the driver checks: the experiment's peak at a local storage path; locally also the temporary
+    checkpoints of the trials that run at once and the feature cache unless built (on a cluster those two are each
+    node's, checked there: ``cluster.check_node``)."""
+    needs = []
+    if plan.resources.address is None:
+        needs.append(Need(tempfile.gettempdir(), fp.temp_bytes, "temporary checkpoints"))
+    if plan.store.local_path is not None:
+        needs.append(Need(str(plan.store.local_path), fp.peak_bytes, "checkpoints"))
+    if plan.resources.address is None and plan.config.feature_cache:
+        from ..data.cache import cache_is_built
+
+        if not cache_is_built(plan.config, meta):
+            needs.append(Need(plan.config.feature_cache, cache_bytes(len(meta), plan.config.num_frames), CACHE))
+    return needs
+
+
 def preflight(plan: Plan, meta, refit: bool, override: bool) -> Plan:
-    """Print the disk the trials left need (at the peak and at the end) and what is free at the storage path, the
-    cache and the temporary folder; refuse in one line when it does not fit (``override``: warn and go on)."""
-    from ..data.cache import cache_is_built
+    """Print the disk the trials left need (at the peak and at the end, for the trials that run at once) and what is
+    free at the storage path, the cache and the temporary folder; refuse in one line when it does not fit
+    (``override``: warn and go on). On a cluster the temporary folder and the cache are each node's, checked there
+    with the rest of what its trials need (``cluster.check_node``)."""
     from ..fit.model import count_parameters
 
     params = count_parameters(plan.model_dir, len(plan.classes), plan.config.num_frames)
     finished = trials_finished(plan)
     left = plan.trials - len(finished)
-    fp = Footprint(params=params, trials_left=left, at_once=plan.resources.slots() or left, epochs=plan.config.epochs,
-                   keep=plan.config.keep_checkpoints, refit=refit)
+    cluster = plan.resources.address is not None
+    fp = footprint(plan, params, left, refit)
     store_free = plan.store.free_bytes()
-    print(f"Disk: {left} trial(s) to run, AST with {params / 1e6:.1f} M parameters, --keep-checkpoints "
-          f"{plan.config.keep_checkpoints}: the experiment grows by about {human_bytes(fp.end_bytes)} "
-          f"({human_bytes(fp.peak_bytes)} at its peak); {plan.exp_dir}: "
+    print(f"Disk: {left} trial(s) to run, {min(fp.at_once, left)} at once{' on the cluster' * cluster}, AST with "
+          f"{params / 1e6:.1f} M parameters, --keep-checkpoints {plan.config.keep_checkpoints}: the experiment grows by "
+          f"about {human_bytes(fp.end_bytes)} ({human_bytes(fp.peak_bytes)} at its peak); {plan.exp_dir}: "
           + (f"{human_bytes(store_free)} free" if store_free is not None else "free space unknown (object storage)"),
           flush=True)
-    needs = [Need(tempfile.gettempdir(), fp.temp_bytes, "temporary checkpoints")]
-    if plan.store.local_path is not None:
-        needs.append(Need(str(plan.store.local_path), fp.peak_bytes, "checkpoints"))
-    if plan.config.feature_cache and not cache_is_built(plan.config, meta):
-        size = cache_bytes(len(meta), plan.config.num_frames)
-        needs.append(Need(plan.config.feature_cache, size, "feature cache"))
-        print(f"Feature cache: {plan.config.feature_cache} will take about {human_bytes(size)}", flush=True)
+    needs = driver_needs(plan, fp, meta)
+    if plan.config.feature_cache and (cluster or any(n.what == CACHE for n in needs)):
+        print(f"Feature cache: {plan.config.feature_cache} will take about "
+              f"{human_bytes(cache_bytes(len(meta), plan.config.num_frames))}"
+              + " on each node that runs trials (where not built yet)" * cluster, flush=True)
     for line in check_space(needs, override):
         print(line, file=sys.stderr, flush=True)
+    if cluster:
+        from .cluster import NodeCheck, preflight_nodes
+
+        check = NodeCheck(plan.exp_dir, plan.config, meta, plan.resources, fp.checkpoint_bytes, override)
+        for line in preflight_nodes(check, plan.store):
+            warn(line)
     return dataclasses.replace(plan, footprint=fp, finished=frozenset(finished))

@@ -325,10 +325,39 @@ def alias_moved_modules() -> None:
         sys.modules[old] = importlib.import_module(new)
 
 
-def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Outcome:
-    """Start or join Ray; continue the recorded Ray run (restore), then start the trials of test folds not run yet
-    (all of them for a new experiment). Raises StorageFull when the disk fills."""
+@contextmanager
+def ray_session(plan: Plan, debug: bool) -> Iterator[None]:
+    """Ray for the block: started on this machine, or joined at --address; ``ray.shutdown`` when it ends (a joined
+    cluster keeps running)."""
     import ray
+
+    with driver_env(debug):
+        try:
+            ray.init(**ray_init_args(plan, debug))
+        except ConnectionError as exc:
+            raise AstCvError(connect_problem(plan.resources.address, exc)) from None
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def cluster_session(plan: Plan, debug: bool) -> Iterator[Plan]:
+    """On a cluster (--address): joined for the block, which gets the plan settled on its alive nodes
+    (``cluster.on_cluster``; refused when none fits a trial): the preflight, the nodes' caches and the trials all run
+    in this session. Locally the plan as it is, and nothing started: ``run_experiment`` starts Ray after the preflight."""
+    if plan.resources.address is None:
+        yield plan
+        return
+    with ray_session(plan, debug):
+        yield on_cluster(plan)
+
+
+def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Outcome:
+    """Start Ray (on a cluster: in the ``cluster_session`` the block runs in); continue the recorded Ray run
+    (restore), then start the trials of test folds not run yet (all of them for a new experiment). Raises StorageFull
+    when the disk fills."""
     from ray import tune
 
     from .trial import tune_trial
@@ -336,13 +365,9 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
     progress = Progress(list(expected_trials(plan.grid)), plan.finished, plan.config.epochs, plan.resources.slots())
     if os.environ.get(TIMELINE_ENV):
         progress.timeline = []
-    with driver_env(debug):
-        try:
-            ray.init(**ray_init_args(plan, debug))
-        except ConnectionError as exc:
-            raise AstCvError(connect_problem(plan.resources.address, exc)) from None
-        try:
-            plan = on_cluster(plan)  # the trials' resources from the cluster's nodes; refused when none fits
+    session = ray_session(plan, debug) if plan.resources.address is None else driver_env(debug)  # cluster: joined
+    try:
+        with session:
             board = f"astcv-progress-{uuid.uuid4().hex[:8]}"
             board_actor = progress_board(board)  # held for the run: an actor without a handle is stopped
             trainable = with_restore_fallback(tune.with_resources(tune.with_parameters(
@@ -374,11 +399,10 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
                 fit(new_tuner(tune, plan, trainable, new_folds, callbacks, debug, max_failures, stop), plan)
             del board_actor
             return Outcome(failed=progress.failed, interrupted=not progress.all_done)
-        finally:
-            ray.shutdown()
-            if progress.timeline is not None:
-                progress._record("end")
-                Path(os.environ[TIMELINE_ENV]).write_text(json.dumps(progress.timeline_json()))
+    finally:
+        if progress.timeline is not None:
+            progress._record("end")
+            Path(os.environ[TIMELINE_ENV]).write_text(json.dumps(progress.timeline_json()))
 
 
 def describe_grid(grid) -> str:
