@@ -24,8 +24,8 @@ import pytest
 
 import orchestrate
 from trainable.errors import AstCvError
-from trainable.run.cluster import (NodeProblem, Node, agreed_exclusions, check_resume_address, no_cuda, nodes_of,
-                                   settle_resources)
+from trainable.run.cluster import NodeProblem, Node, check_resume_address, no_cuda, nodes_of, settle_resources
+from trainable.run.preflight import agreed_exclusions
 from trainable.run.plan import Plan, Resources
 from trainable.store.experiment import MANIFEST
 
@@ -126,7 +126,7 @@ def test_a_nodes_preflight_names_what_to_fix_there(synth_root, tmp_path):
 
     from trainable.config import TrainConfig
     from trainable.data.metadata import load_metadata
-    from trainable.run.cluster import MARKER, NodeCheck, check_node, prepare_node
+    from trainable.run.preflight import MARKER, NodeCheck, check_node, prepare_node
 
     exp = tmp_path / "exp"
     exp.mkdir()

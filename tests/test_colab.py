@@ -287,7 +287,7 @@ def test_rays_token_notice_on_a_local_start_is_quieted():
 
     from ray._private.authentication.authentication_token_setup import _warn_token_auth_enabled
 
-    from trainable.run.tuner import TOKEN_NOTICE_LOGGER, driver_env
+    from trainable.run.quiet import TOKEN_NOTICE_LOGGER, driver_env
 
     seen: list[str] = []
     handler = logging.Handler(logging.DEBUG)
@@ -315,7 +315,7 @@ def test_only_the_slow_snapshot_warning_of_tunes_quieted_ones_is_shown():
 
     from ray.tune.execution import experiment_state
 
-    from trainable.run.tuner import driver_env
+    from trainable.run.quiet import driver_env
 
     seen: list[str] = []
     handler = logging.Handler(logging.DEBUG)

@@ -127,7 +127,7 @@ def prepare_inputs(plan: Plan, meta, headers) -> Plan:
 def _prepare_on_nodes(plan: Plan, meta) -> dict[str, str]:
     """On a cluster: each node that runs trials builds its own feature cache (or decodes every clip) with its CPUs, the
     driver none; the clips that cannot be used, the same on every node."""
-    from .cluster import NodeCheck, prepare_nodes
+    from .preflight import NodeCheck, prepare_nodes
 
     what = "build the feature cache" if plan.config.feature_cache else "decode every clip (--no-cache)"
     print(f"The nodes that run trials {what}, each with its CPUs:", flush=True)
@@ -164,7 +164,7 @@ def footprint(plan: Plan, params: int, left: int, refit: bool) -> Footprint:
 def driver_needs(plan: Plan, fp: Footprint, meta) -> list[Need]:
     """The disk the driver checks: the experiment's peak at a local storage path; locally also the temporary
     checkpoints of the trials that run at once and the feature cache unless built (on a cluster those two are each
-    node's, checked there: ``cluster.check_node``)."""
+    node's, checked there: ``preflight.check_node``)."""
     needs = []
     if plan.resources.address is None:
         needs.append(Need(tempfile.gettempdir(), fp.temp_bytes, "temporary checkpoints"))
@@ -182,7 +182,7 @@ def preflight(plan: Plan, meta, refit: bool, override: bool) -> Plan:
     """Print the disk the trials left need (at the peak and at the end, for the trials that run at once) and what is
     free at the storage path, the cache and the temporary folder; refuse in one line when it does not fit
     (``override``: warn and go on). On a cluster the temporary folder and the cache are each node's, checked there
-    with the rest of what its trials need (``cluster.check_node``)."""
+    with the rest of what its trials need (``preflight.check_node``)."""
     from ..fit.model import count_parameters
 
     params = count_parameters(plan.model_dir, len(plan.classes), plan.config.num_frames)
@@ -204,7 +204,7 @@ def preflight(plan: Plan, meta, refit: bool, override: bool) -> Plan:
     for line in check_space(needs, override):
         print(line, file=sys.stderr, flush=True)
     if cluster:
-        from .cluster import NodeCheck, preflight_nodes
+        from .preflight import NodeCheck, preflight_nodes
 
         check = NodeCheck(plan.exp_dir, plan.config, meta, plan.resources, fp.checkpoint_bytes, override)
         for line in preflight_nodes(check, plan.store):
