@@ -3,7 +3,7 @@ on each node (a GPU node without CUDA refused in one line) that builds the node'
 held to its cluster. The slow test runs a real multi-node cluster: a head with no CPUs and two worker nodes with fake
 GPUs, started from another folder, without PYTHONPATH and (as root) in a mount namespace where the project's folder
 and a folder of the driver's are empty tmpfs, so the trials can only import the code Ray shipped and each worker has a
-disk of its own there."""
+disk of its own there; the grid that completes keeps its experiment on S3 (moto's server)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 
 import orchestrate
+from conftest import moto_server
 from trainable.errors import AstCvError
 from trainable.run.cluster import NodeProblem, Node, check_resume_address, no_cuda, nodes_of, settle_resources
 from trainable.run.preflight import agreed_exclusions
 from trainable.run.plan import Plan, Resources
 from trainable.store.experiment import MANIFEST
+from trainable.store.storage import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,9 +223,11 @@ def _wait_for_nodes(address: str, count: int, deadline_s: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """(address, a folder only this machine sees, or None when the workers see everything, the workers' pids): a head
-    with 0 CPUs, two workers of 1 CPU + 1 fake GPU, which see neither the project nor that folder (as root: each sees
-    an empty tmpfs of its own there, under /proc/PID/root from here)."""
+    """(address, a folder only this machine sees, or None when the workers see everything, the workers' pids, an S3
+    URI): a head with 0 CPUs, two workers of 1 CPU + 1 fake GPU, which see neither the project nor that folder (as
+    root: each sees an empty tmpfs of its own there, under /proc/PID/root from here), and moto's S3 server, whose
+    credentials and endpoint every node has from its own environment (as a cloud cluster's nodes have theirs)."""
+    boto3 = pytest.importorskip("boto3")
     base = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under each temp dir
     local = base / "local"
     local.mkdir()
@@ -231,7 +235,8 @@ def cluster():
     port = _free_port()
     address = f"127.0.0.1:{port}"
     procs = []
-    with open(base / "nodes.log", "ab") as log:
+    with pytest.MonkeyPatch.context() as mp, moto_server(mp), open(base / "nodes.log", "ab") as log:
+        boto3.client("s3").create_bucket(Bucket="astcv-cluster")
         try:
             (base / "h").mkdir()
             procs.append(_start_node(["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
@@ -242,7 +247,7 @@ def cluster():
                 procs.append(_start_node(["--address", address, "--num-cpus", "1", "--num-gpus", "1"], base / f"w{i}",
                                          hide, log))
             _wait_for_nodes(address, 3)
-            yield address, (local if hide else None), [p.pid for p in procs[1:]]
+            yield address, (local if hide else None), [p.pid for p in procs[1:]], "s3://astcv-cluster/runs"
         finally:
             for p in reversed(procs):
                 try:
@@ -267,7 +272,7 @@ def _error_lines(err: str) -> list[str]:
 @pytest.mark.slow
 def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_run(cluster, synth_root, tiny_ast_1024,
                                                                                    tmp_path, capsys, monkeypatch):
-    address, local, workers = cluster
+    address, local, workers, s3 = cluster
     demo_assets = (synth_root, tiny_ast_1024)  # any data and model: these trials need not learn
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     storage, shared_cache = tmp_path / "shared", tmp_path / "cache"  # both on a disk the workers see too
@@ -291,20 +296,24 @@ def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_r
     assert "Running" not in out and not (storage / "gpu" / MANIFEST).exists()
     assert not list(shared_cache.glob("*/index.json")) and not list((storage / "gpu").glob(".astcv-pre*"))
 
-    # 3. On CPU (--gpus-per-trial 0) the grid completes, its two trials on the two worker nodes (the head has no CPU),
-    # running the code Ray shipped to them. Each worker built the feature cache before the first trial, with its CPU,
-    # in a folder only it sees (as root), the driver none; else both shared one folder and it was built once.
+    # 3. On CPU (--gpus-per-trial 0) the grid completes on S3 storage, its two trials on the two worker nodes (the head
+    # has no CPU), running the code Ray shipped to them. Each worker built the feature cache before the first trial,
+    # with its CPU, in a folder only it sees (as root), the driver none; else both shared one folder and it was built
+    # once.
     cache = local / "cache" if local else shared_cache
     assert orchestrate.main(_args(demo_assets, storage, "cpu", "--address", address, "--gpus-per-trial", "0",
-                                  "--test-folds", "1", "2", "--cache-dir", str(cache))) == 0, capsys.readouterr().err
+                                  "--test-folds", "1", "2", "--cache-dir", str(cache), "--storage-path", s3)) == 0, \
+        capsys.readouterr().err
     out = capsys.readouterr().out
+    exp = Store.open(f"{s3}/cpu")
     built = re.findall(r"^  node \S+ \(id ([0-9a-f]{8})\): feature cache \S+-f400 \(\d+ clips, 400 frames\), 1 process",
                        out, re.M)
     assert "Disk: 2 trial(s) to run, 2 at once on the cluster" in out and len(set(built)) == 2, out
-    rows = [json.loads(line) for t in (storage / "cpu").glob("fold*/result.json") for line in t.read_text().splitlines()]
+    rows = [json.loads(line) for t in exp.list_dirs() if t.startswith("fold")
+            for line in exp.read_text(f"{t}/result.json").splitlines()]
     assert len({r["node_id"] for r in rows}) == 2 and {r["cuda_visible_devices"] for r in rows} == {""}
     assert {r["node_id"][:8] for r in rows} == set(built)
-    assert json.loads((storage / "cpu" / "summary.json").read_text())["complete"]
+    assert json.loads(exp.read_text("summary.json"))["complete"]
     if local:
         assert not cache.exists()  # nothing on the driver's disk
         for pid in workers:
@@ -314,9 +323,9 @@ def test_a_cluster_gets_a_gpu_per_trial_ships_the_code_and_refuses_what_cannot_r
 
     # 4. The experiment records its cluster and the resources asked for (CPUs left to settle on the next cluster):
     # continuing it without --address is refused (not run on this machine).
-    manifest = json.loads((storage / "cpu" / MANIFEST).read_text())
+    manifest = json.loads(exp.read_text(MANIFEST))
     assert manifest["address"] == address and manifest["resources"] == {"cpu": "auto", "gpu": 0.0}
-    assert orchestrate.main(["--storage-path", str(storage), "--name", "cpu", "--resume"]) == 2
+    assert orchestrate.main(["--storage-path", s3, "--name", "cpu", "--resume"]) == 2
     assert "pass --address again" in capsys.readouterr().err
     if local is None:
         pytest.skip("not root: the worker nodes could see the project folder, so code shipping was not isolated")

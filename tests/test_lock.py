@@ -81,13 +81,17 @@ def test_a_lock_that_does_not_change_is_taken_over_after_the_watch_whatever_its_
 
 
 # ---------------------------------------------------------------- item 4: garbled locks
-@pytest.mark.parametrize("content", [b"\xff\xfe\x00not utf-8", b'{"pid": 12, "host": "oth', b""],
-                         ids=["non-utf8", "truncated", "empty"])
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00not utf-8", b'{"pid": 12, "host": "oth', b"",
+                                     b'{"pid": 4242, "host": "h", "command": 5}', b'{"pid": 9223372036854775808, "host": "h"}',
+                                     b'{"pid": -1, "host": "h"}', b'{"pid": 4242, "host": "h", "refreshed": Infinity}',
+                                     b'{"pid": "4242", "host": "h"}', b'[4242]'],
+                         ids=["non-utf8", "truncated", "empty", "command-int", "pid-2**63", "pid-minus-1", "refreshed-inf",
+                              "pid-str", "not-object"])
 def test_a_garbled_lock_is_stale_after_the_watch_never_a_crash(tmp_path, caplog, content):
     (tmp_path / LOCK).write_bytes(content)
     with caplog.at_level("WARNING"), ExperimentLock(tmp_path, stale_s=0.3):  # before: UnicodeDecodeError, or refused
         assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
-    assert "empty or garbled" in caplog.text
+    assert "empty or garbled" in caplog.text  # (wrong types: TypeError, OverflowError, or the advice `kill -1`)
 
 
 def test_the_refresh_thread_survives_a_garbled_lock_and_rewrites_it(tmp_path):

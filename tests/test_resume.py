@@ -62,6 +62,36 @@ def test_a_run_that_failed_before_any_trial_does_not_pin_its_settings(demo_asset
         _plan(*_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--lrs", "1e-3"))
 
 
+def test_folds_whose_trials_all_finished_are_not_started_again(demo_assets, tmp_path):
+    """Review of issue 23: grown to a second fold and interrupted, an experiment restores only the grown Tuner's
+    snapshot (the newest); the fold finished before the growth was started again, as if new. Folds are started only
+    when no trial of theirs is restored and not all of their trials finished."""
+    import dataclasses
+
+    from trainable.run.resume import folds_not_started
+
+    plan, _ = _plan(*_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--test-folds", "1", "2", "3", "--lrs",
+                           "1e-3", "5e-4", "--batch-sizes", "8"))
+    done = {trial_dirname(1, 1e-3, 8), trial_dirname(1, 5e-4, 8), trial_dirname(2, 1e-3, 8)}
+    assert folds_not_started(dataclasses.replace(plan, finished=frozenset(done))) == [2, 3]  # fold 2: half done
+    assert folds_not_started(plan) == [1, 2, 3]
+
+
+def test_a_damaged_experiment_snapshot_is_set_aside_and_kept(tmp_path):
+    """Review of issue 23: a snapshot cut short made every re-run fail in Ray's restore (KeyError: 'test_fold')."""
+    from trainable.run.resume import set_aside_damaged_snapshots
+    from trainable.store.storage import Store
+
+    good, cut = '{"trial_data": []}', '{"trial_data": [["{\\"config'
+    (tmp_path / "experiment_state-2026-12-04_05-00-00.json").write_text(good)
+    (tmp_path / "experiment_state-2026-12-04_06-00-00.json").write_text(cut)
+    (tmp_path / "result.json").write_text("{")  # not a snapshot: left alone
+    assert set_aside_damaged_snapshots(Store.open(tmp_path)) == ["experiment_state-2026-12-04_06-00-00.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "experiment_state-2026-12-04_05-00-00.json", "experiment_state-2026-12-04_06-00-00.json.damaged", "result.json"]
+    assert (tmp_path / "experiment_state-2026-12-04_06-00-00.json.damaged").read_text() == cut
+
+
 def test_a_manifest_without_the_flag_binds(tmp_path):
     """Experiments recorded before the flag existed stay bound to their settings."""
     from trainable.store.experiment import binding_manifest

@@ -14,19 +14,21 @@ every folder there, so a checkpoint written later never lands in an orphaned new
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from typing import Any
 
 from ..faults import kill_point
-from ..store.experiment import EXPERIMENT_STARTED, parse_trial_dirname, read_manifest, update_manifest
+from ..store.experiment import EXPERIMENT_STARTED, expected_trials, parse_trial_dirname, read_manifest, update_manifest
 from .plan import Plan
 
 log = logging.getLogger(__name__)
 
 RESTORE_FALLBACK_ENV = "ASTCV_RESTORE_FALLBACK"  # 0: Ray's own restore (the kill-point test shows it fails)
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
+_SNAPSHOT = re.compile(r"^experiment_state-.*\.json$")
 
 
 def checkpoint_folders(fs, trial_path: str) -> list[tuple[int, str]]:
@@ -183,19 +185,45 @@ def use_this_runs_settings(tuner, callbacks, stop) -> None:
     run. Tune has no public way (``Tuner.restore`` takes no RunConfig), so this is the one place that sets its
     private run config; the restored trials' --max-failures is applied by ``run_settings``."""
     run_config = tuner._local_tuner._run_config
-    run_config.callbacks = callbacks
+    run_config.callbacks = list(callbacks)  # a copy: Tune adds its loggers to it (see ``tuner.new_tuner``)
     run_config.stop = stop
 
 
-def folds_not_started(plan: Plan, tuner) -> list[int]:
-    """The grid's test folds that the restored Ray experiment holds no trial of: folds a --test-folds growth added
-    and whose Tuner never started (an interruption in between); found from the trials, so none is ever lost."""
+def set_aside_damaged_snapshots(store) -> list[str]:
+    """Ray restores from the experiment's newest snapshot (``experiment_state-*.json``); one cut short (the driver
+    killed while it was copied to storage) made every re-run fail with a traceback. Each snapshot that does not parse
+    is renamed to NAME.damaged (kept for a look), so Ray restores from the newest intact one of an earlier session, if
+    any (its trials continue from what their folders hold: ``RestoreWhatIsThere``). Returns the names set aside."""
+    damaged = []
+    for name in store.list_files():
+        if not _SNAPSHOT.match(name):
+            continue
+        raw = store.read_bytes(name)
+        try:
+            json.loads((raw or b"").decode("utf-8"))
+        except ValueError:
+            store.write_bytes(f"{name}.damaged", raw or b"")
+            store.delete(name)
+            damaged.append(name)
+    return damaged
+
+
+def folds_not_started(plan: Plan, tuner=None) -> list[int]:
+    """The grid's test folds that the restored Ray experiment (``tuner``; None: nothing restored) holds no trial of
+    and whose trials have not all finished in an earlier run: folds a --test-folds growth added and whose Tuner never
+    started (an interruption in between), found from the trials, so none is ever lost. A growth's Tuner writes a
+    snapshot of its own, the newest, so an experiment grown and then interrupted restores only the grown folds'
+    trials: the folds finished before the growth are held by their finished trials (``plan.finished``), not started
+    again."""
     try:
-        held = {int(r.config["test_fold"]) for r in tuner.get_results() if r.config}
+        held = {int(r.config["test_fold"]) for r in tuner.get_results() if r.config} if tuner is not None else set()
     except Exception:  # a damaged experiment state: Tune's restore above has said so
         log.warning("could not list the restored trials; starting the test folds that have no trial folder")
         held = {int(p["test_fold"]) for name in plan.store.list_dirs() if (p := parse_trial_dirname(name))}
-    return [f for f in plan.grid["test_fold"] if int(f) not in held]
+    trials = expected_trials(plan.grid)
+    finished = {f for f in plan.grid["test_fold"]
+                if all(name in plan.finished for name, (fold, *_) in trials.items() if fold == int(f))}
+    return [f for f in plan.grid["test_fold"] if int(f) not in held and f not in finished]
 
 
 def with_restore_fallback(trainable):

@@ -29,7 +29,8 @@ from .plan import GRID_KEYS, Plan
 from .quiet import driver_env
 from .progress import Progress, TrialView
 from ..faults import FAULT_ENVS, armed, kill_point
-from .resume import folds_not_started, kill_point_hooks, run_settings, use_this_runs_settings, with_restore_fallback
+from .resume import (folds_not_started, kill_point_hooks, run_settings, set_aside_damaged_snapshots,
+                     use_this_runs_settings, with_restore_fallback)
 from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
 
 REUSE_WORKERS_ENV = "ASTCV_REUSE_WORKERS"  # 0: a new worker process per trial (benchmarks/startup.py compares)
@@ -221,6 +222,9 @@ def ray_init_args(plan: Plan, debug: bool) -> dict[str, Any]:
 
 
 def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, max_failures: int, stop=None):
+    """A Tuner over the grid's ``test_folds``. It gets a copy of ``callbacks``: Tune appends its default loggers to the
+    list it is given, and those keep the Trial objects of the run they logged; a second Tuner given the same list
+    pickled them into its tuner.pkl, which then could not be restored ("Unknown trainable: tune_trial")."""
     grid = {**plan.grid, "test_fold": list(test_folds)}
     return tune.Tuner(
         trainable,
@@ -228,7 +232,8 @@ def new_tuner(tune, plan: Plan, trainable, test_folds, callbacks, debug: bool, m
         tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name,
                                     reuse_actors=os.environ.get(REUSE_WORKERS_ENV, "1") != "0"),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0, callbacks=callbacks, stop=stop,
+            name=plan.name, storage_path=plan.storage_path, verbose=1 if debug else 0, callbacks=list(callbacks),
+            stop=stop,
             checkpoint_config=checkpoint_config(tune, plan.config.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             sync_config=tune.SyncConfig(sync_artifacts=syncs_artifacts(plan.storage_path)),
@@ -329,6 +334,11 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             print(f"Running {left}{describe_grid(plan.grid)}), {r.cpus_per_trial:g} CPU + "
                   f"{r.gpus_per_trial:g} GPU each, into {plan.exp_dir}", flush=True)
             new_folds = plan.grid["test_fold"]
+            if plan.restore:
+                for name in set_aside_damaged_snapshots(plan.store):
+                    print(f"warning: the experiment snapshot {name} is damaged (cut short?): set aside as "
+                          f"{name}.damaged; restoring from what else is there.", flush=True)
+                new_folds = folds_not_started(plan)  # with no snapshot to restore: the folds not finished
             if plan.restore and tune.Tuner.can_restore(plan.exp_dir):
                 print(f"Resuming {plan.exp_dir}: finished trials are kept, the others continue from their last "
                       f"checkpoint.", flush=True)

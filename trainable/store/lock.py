@@ -5,7 +5,7 @@ that the holder bumps every ``REFRESH_S``. Staleness is judged on the reader's o
 its content has not changed for ``STALE_S`` while the reader watched it (a monotonic clock), never by comparing the
 holder's timestamps with the reader's clock (the two machines' clocks may disagree by minutes). On this host a lock
 whose process is gone (or whose pid now belongs to another process) is stale at once, and one of a live process
-that refreshes it is the user's own earlier command. Any unreadable lock (empty, cut short, not UTF-8) is garbled:
+that refreshes it is the user's own earlier command. Any unreadable lock (empty, cut short, not UTF-8, fields of the wrong type) is garbled:
 stale after the same watch, never a crash.
 
 Every change of the lock file (create, take over, refresh, release) happens under a mutex: an exclusive ``flock``
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -51,13 +52,33 @@ def stop_process(message: str) -> None:
     os._exit(LOST_EXIT)
 
 
+# A record's fields and their types: one that parses but holds another type (a hand edit, another tool's file) is
+# garbled like a cut-short one. The pid must be one a holder can have: not 0 or 1 (init), not negative (``kill -1``
+# would signal every process), below Linux's ceiling (PID_MAX_LIMIT, 2**22).
+_REQUIRED = {"pid": int, "host": str}
+_OPTIONAL = {"refreshed": (int, float), "count": int, "token": str, "started": str, "command": list,
+             "proc_start": (str, type(None)), "boot_id": (str, type(None))}
+PID_LIMIT = 2 ** 22
+
+
+def _valid(held: dict[str, Any]) -> bool:
+    if any(isinstance(held.get(k), bool) for k in ("pid", "count", "refreshed")):
+        return False
+    if not all(isinstance(held.get(k), t) for k, t in _REQUIRED.items()):
+        return False
+    if not all(isinstance(held[k], t) for k, t in _OPTIONAL.items() if k in held):
+        return False
+    return 1 < held["pid"] < PID_LIMIT and math.isfinite(held.get("refreshed", 0.0))
+
+
 def _parse(raw: bytes) -> dict[str, Any] | None:
-    """The lock's record, or None when it is garbled (empty, cut short, not UTF-8, not a JSON object)."""
+    """The lock's record, or None when it is garbled (empty, cut short, not UTF-8, not a JSON object, a field of the
+    wrong type or a pid no holder can have)."""
     try:
         held = json.loads(raw.decode("utf-8"))
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
-    return held if isinstance(held, dict) else None
+    return held if isinstance(held, dict) and _valid(held) else None
 
 
 def describe(held: dict[str, Any]) -> str:
