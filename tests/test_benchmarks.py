@@ -125,3 +125,63 @@ def test_gpu_check_rehearsal_writes_every_step(tmp_path):
     assert {"worker_s", "model_s", "first_step_s"} <= set(ray_run["startup_median"])
     step = load("1_step")
     assert {r["name"] for r in step["variants"]} == {"eager foreach", "eager fused", "reduce-overhead fused"}
+
+
+# benchmarks/cluster_scale.py: the driver at hundreds of trials on a multi-node Ray with fake GPUs (4 Ray nodes started on
+# this machine, ~2 min at 4 and 8 trials), so ASTCV_CLUSTER_BENCH=1 runs it; BENCHMARKS.md has the 40- and 400-trial run.
+cluster_bench = pytest.mark.skipif(os.environ.get("ASTCV_CLUSTER_BENCH") != "1",
+                                   reason="starts a 5-node Ray cluster, ~2 min: ASTCV_CLUSTER_BENCH=1 runs it")
+
+
+def test_cluster_scale_grids_have_the_asked_trial_counts_and_its_statistics_hold():
+    import orchestrate
+    from cluster_scale import grid_flags, per_extra_trial, summary, table
+    from search_spaces import SPACES
+    from trainable.run.plan import build_grid
+    from trainable.store.experiment import extra_points
+
+    for n in (4, 8, 40, 400, 120):
+        args = orchestrate.build_parser().parse_args(["--data-root", "x", *grid_flags(n)])
+        grid, _, folds = build_grid(SPACES["card"], args)
+        assert len(grid["test_fold"]) * len(grid["lr"]) * len(grid["batch_size"]) * len(extra_points(grid)) == n
+        assert folds == list(range(1, 11))
+    for bad in (0, 6, 44, 410):
+        with pytest.raises(ValueError):
+            grid_flags(bad)
+    s = summary([0.5] * 19 + [3.0, 10.0])
+    assert s == {"count": 21, "total_s": 22.5, "median_s": 0.5, "p95_s": 3.0, "max_s": 10.0}
+    assert summary([])["count"] == 0 and summary([])["median_s"] is None
+    run = lambda n, snap, before, peak, saves: {  # noqa: E731
+        "trials": n, "wall_s": 10.0, "snapshot": {"bytes": snap, "bytes_per_trial": snap / n},
+        "driver": {"rss_before_run_mb": before, "rss_peak_mb": peak}, "saves": {**summary([0.1] * saves)},
+        "checkpoint_calls": summary([0.2]), "uploads": summary([0.3]), "slow_snapshot_warnings": 0,
+        "result_json": {"median_bytes": 7700}}
+    small, large = run(40, 1_000_000, 800, 850, 200), run(400, 10_000_000, 800, 1210, 2000)
+    extra = per_extra_trial(small, large)
+    assert extra["snapshot_bytes"] == 25_000 and extra["driver_peak_kb"] == pytest.approx(360 * 1024 / 360)
+    assert extra["driver_growth_kb"] == pytest.approx(1024) and extra["saves"] == 5
+    lines = table([small, large]).splitlines()
+    assert len(lines) == 4 and lines[3].startswith("| 400 | 10 s | 10.00 MB | 25.0 kB | 800 -> 1210 MB | 2000 |")
+
+
+@pytest.mark.slow
+@cluster_bench
+def test_cluster_scale_runs_the_real_tuner_on_a_multi_node_cluster(tmp_path):
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cluster_scale.py"), "--trials", "4", "8",
+                           "--timeout-s", "280", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "| 8 |" in done.stdout
+    result = json.loads(out.read_text())
+    assert [r["trials"] for r in result["runs"]] == [4, 8]
+    for r in result["runs"]:
+        n = r["trials"]
+        assert r["failed"] == 0 and not r["interrupted"] and r["slots"] == 8 and r["per_trial"] == {"cpu": 1.0, "gpu": 1.0}
+        assert r["snapshot"]["files"] == 1 and 5_000 < r["snapshot"]["bytes_per_trial"] < 200_000
+        assert r["result_json"]["files"] == n and r["result_json"]["rows_min"] == r["result_json"]["rows_max"] == 5
+        d = r["driver"]
+        assert 100 < d["rss_before_run_mb"] <= d["rss_peak_mb"] < 8192 and d["samples"] > 0
+        assert r["saves"]["count"] >= 5 and r["saves"]["count"] == r["checkpoint_calls"]["count"]
+        assert 0 < r["saves"]["median_s"] <= r["saves"]["p95_s"] <= r["saves"]["max_s"] < 30
+        assert r["uploads"]["count"] > 0 and r["slow_snapshot_warnings"] == 0 and 0 < r["wall_s"] < 280
+    assert result["per_extra_trial"]["from_trials"] == 4 and result["per_extra_trial"]["snapshot_bytes"] > 0

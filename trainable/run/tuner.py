@@ -304,10 +304,11 @@ def cluster_session(plan: Plan, debug: bool) -> Iterator[Plan]:
         yield on_cluster(plan)
 
 
-def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Outcome:
+def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2, trial=None) -> Outcome:
     """Start Ray (on a cluster: in the ``cluster_session`` the block runs in); continue the recorded Ray run
     (restore), then start the trials of test folds not run yet (all of them for a new experiment). Raises StorageFull
-    when the disk fills."""
+    when the disk fills. ``trial``: the function each trial runs, with ``trial.tune_trial``'s signature (the default);
+    ``benchmarks/cluster_scale.py`` passes one that only reports, to measure the driver at hundreds of trials."""
     from ray import tune
 
     from .trial import tune_trial
@@ -321,7 +322,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2) -> Ou
             board = f"astcv-progress-{uuid.uuid4().hex[:8]}"
             board_actor = progress_board(board)  # held for the run: an actor without a handle is stopped
             trainable = with_restore_fallback(tune.with_resources(tune.with_parameters(
-                tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir, board=board), plan.resources.as_ray()))
+                trial or tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir, board=board), plan.resources.as_ray()))
             callbacks = [lock_guard_callback(), make_callback(plan, progress, board), tensorboard_callback(),
                          run_settings(plan, max_failures)]
             stop = None
