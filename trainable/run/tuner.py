@@ -336,18 +336,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2, trial
                   f"{r.gpus_per_trial:g} GPU each, into {plan.exp_dir}", flush=True)
             new_folds = plan.grid["test_fold"]
             if plan.restore:
-                for name in set_aside_damaged_snapshots(plan.store):
-                    print(f"warning: the experiment snapshot {name} is damaged (cut short?): set aside as "
-                          f"{name}.damaged; restoring from what else is there.", flush=True)
-                new_folds = folds_not_started(plan)  # with no snapshot to restore: the folds not finished
-            if plan.restore and tune.Tuner.can_restore(plan.exp_dir):
-                print(f"Resuming {plan.exp_dir}: finished trials are kept, the others continue from their last "
-                      f"checkpoint.", flush=True)
-                alias_moved_modules()
-                tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
-                use_this_runs_settings(tuner, callbacks, stop)
-                fit(tuner, plan)
-                new_folds = folds_not_started(plan, tuner)
+                new_folds = restore_and_fit(tune, plan, trainable, callbacks, stop)
             earlier = [n for n, (f, _, _) in expected_trials(plan.grid).items() if f not in new_folds]
             if new_folds and not progress.failed and progress.done(earlier):
                 if plan.restore:
@@ -359,6 +348,23 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2, trial
         if progress.timeline is not None:
             progress._record("end")
             Path(os.environ[TIMELINE_ENV]).write_text(json.dumps(progress.timeline_json()))
+
+
+def restore_and_fit(tune, plan: Plan, trainable, callbacks, stop) -> list[int]:
+    """Continue the recorded Ray run (its newest intact snapshot; damaged ones set aside) to its end; the test folds
+    still to start afterwards (``resume.folds_not_started``; with no snapshot to restore: those not finished)."""
+    for name in set_aside_damaged_snapshots(plan.store):
+        print(f"warning: the experiment snapshot {name} is damaged (cut short?): set aside as {name}.damaged; "
+              f"restoring from what else is there.", flush=True)
+    if not tune.Tuner.can_restore(plan.exp_dir):
+        return folds_not_started(plan)
+    print(f"Resuming {plan.exp_dir}: finished trials are kept, the others continue from their last checkpoint.",
+          flush=True)
+    alias_moved_modules()
+    tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
+    use_this_runs_settings(tuner, callbacks, stop)
+    fit(tuner, plan)
+    return folds_not_started(plan, tuner)
 
 
 def describe_grid(grid) -> str:
