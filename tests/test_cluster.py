@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from trainable.store.experiment import MANIFEST
 from trainable.store.storage import Store
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cluster_scale import free_port, node_ports  # noqa: E402  (the benchmark's cluster starts its nodes the same way)
 
 
 def _auto(address="10.0.0.1:6379", cpus=1.0, gpus=0.0, auto_cpus=True):
@@ -176,18 +177,6 @@ def test_a_cluster_experiment_is_not_continued_without_its_address():
 
 # --- a real cluster -------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ports() -> list[str]:
-    return [arg for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
-            for arg in (flag, str(_free_port()))]
-
-
 def _can_hide_the_project() -> bool:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         return False
@@ -201,7 +190,7 @@ def _start_node(args: list[str], temp: Path, hide: list[Path], log) -> subproces
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     ray = str(Path(sys.executable).with_name("ray"))
-    cmd = [ray, "start", "--block", "--temp-dir", str(temp), "--disable-usage-stats", *_ports(), *args]
+    cmd = [ray, "start", "--block", "--temp-dir", str(temp), "--disable-usage-stats", *node_ports(), *args]
     if hide:  # the worker node cannot see these (the project: only what Ray ships reaches its trials)
         mounts = " && ".join(f"mount -t tmpfs tmpfs '{p}'" for p in hide)
         cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec \"$@\"", "sh", *cmd]
@@ -232,7 +221,7 @@ def cluster():
     local = base / "local"
     local.mkdir()
     hide = [ROOT, local] if _can_hide_the_project() else []
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     procs = []
     with pytest.MonkeyPatch.context() as mp, moto_server(mp), open(base / "nodes.log", "ab") as log:
@@ -240,7 +229,7 @@ def cluster():
         try:
             (base / "h").mkdir()
             procs.append(_start_node(["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
-                                      "--include-dashboard", "false", "--ray-client-server-port", str(_free_port())],
+                                      "--include-dashboard", "false", "--ray-client-server-port", str(free_port())],
                                      base / "h", [], log))
             for i in (1, 2):
                 (base / f"w{i}").mkdir()
