@@ -144,6 +144,10 @@ def test_a_nodes_preflight_names_what_to_fix_there(synth_root, tmp_path):
     problem = check_node(big, node)[0]
     assert problem.startswith("Not enough disk space: ") and "temporary checkpoints" in problem and "\n" not in problem
     assert check_node(dataclasses.replace(big, override=True), node)[1][0].startswith("warning: Not enough disk space")
+    # a node runs at most the trials left at once: 2 slots x 0.6 of the free space is refused, the 1 trial left fits
+    most = dataclasses.replace(check, checkpoint_bytes=int(shutil.disk_usage(tmp_path).free * 0.6))
+    assert check_node(most, node)[0].startswith("Not enough disk space")
+    assert check_node(dataclasses.replace(most, trials_left=1), node) == (None, [])
     if not torch.cuda.is_available():
         gpu = dataclasses.replace(check, resources=Resources(1, 1, None, "a:1"))
         assert check_node(gpu, node)[0].startswith("Ray has 1 GPU(s) on it for the trials but torch there sees no CUDA")

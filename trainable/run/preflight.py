@@ -30,7 +30,8 @@ SAME_DATA = "put the whole dataset at the same path on every node"
 class NodeCheck:
     """What the preflight asks of every node: the experiment folder, the trials' config, metadata rows
     (``data.load_metadata``) and resources, one trial's temporary checkpoint in bytes, whether a disk too small only
-    warns (--no-space-check), and the marker the driver wrote into the experiment folder."""
+    warns (--no-space-check), the marker the driver wrote into the experiment folder, and how many trials are left
+    to run (0: not known; a node runs at most that many at once)."""
 
     exp_dir: str
     config: TrainConfig
@@ -39,6 +40,7 @@ class NodeCheck:
     checkpoint_bytes: int = 0
     override: bool = False
     token: str = ""
+    trials_left: int = 0
 
 
 def check_node(check: NodeCheck, node: Node) -> tuple[str | None, list[str]]:
@@ -56,7 +58,8 @@ def check_node(check: NodeCheck, node: Node) -> tuple[str | None, list[str]]:
         return problem, []
     from ..store.footprint import Need, cache_bytes, check_space
 
-    needs = [Need(tempfile.gettempdir(), node.slots(check.resources) * check.checkpoint_bytes, "temporary checkpoints")]
+    at_once = min(node.slots(check.resources), check.trials_left or node.slots(check.resources))
+    needs = [Need(tempfile.gettempdir(), at_once * check.checkpoint_bytes, "temporary checkpoints")]
     if c.feature_cache:
         from ..data.cache import cache_is_built
 

@@ -206,7 +206,8 @@ def preflight(plan: Plan, meta, refit: bool, override: bool) -> Plan:
     if cluster:
         from .preflight import NodeCheck, preflight_nodes
 
-        check = NodeCheck(plan.exp_dir, plan.config, meta, plan.resources, fp.checkpoint_bytes, override)
+        check = NodeCheck(plan.exp_dir, plan.config, meta, plan.resources, fp.checkpoint_bytes, override,
+                          trials_left=left)
         for line in preflight_nodes(check, plan.store):
             warn(line)
     return dataclasses.replace(plan, footprint=fp, finished=frozenset(finished))
