@@ -84,9 +84,10 @@ def test_a_lock_that_does_not_change_is_taken_over_after_the_watch_whatever_its_
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00not utf-8", b'{"pid": 12, "host": "oth', b"",
                                      b'{"pid": 4242, "host": "h", "command": 5}', b'{"pid": 9223372036854775808, "host": "h"}',
                                      b'{"pid": -1, "host": "h"}', b'{"pid": 4242, "host": "h", "refreshed": Infinity}',
-                                     b'{"pid": "4242", "host": "h"}', b'[4242]'],
+                                     b'{"pid": "4242", "host": "h"}', b'[4242]',
+                                     b'{"pid": 4242, "host": "h", "refreshed": 1' + b"0" * 400 + b"}"],
                          ids=["non-utf8", "truncated", "empty", "command-int", "pid-2**63", "pid-minus-1", "refreshed-inf",
-                              "pid-str", "not-object"])
+                              "pid-str", "not-object", "refreshed-huge-int"])
 def test_a_garbled_lock_is_stale_after_the_watch_never_a_crash(tmp_path, caplog, content):
     (tmp_path / LOCK).write_bytes(content)
     with caplog.at_level("WARNING"), ExperimentLock(tmp_path, stale_s=0.3):  # before: UnicodeDecodeError, or refused

@@ -77,19 +77,31 @@ def test_folds_whose_trials_all_finished_are_not_started_again(demo_assets, tmp_
     assert folds_not_started(plan) == [1, 2, 3]
 
 
-def test_a_damaged_experiment_snapshot_is_set_aside_and_kept(tmp_path):
-    """Review of issue 23: a snapshot cut short made every re-run fail in Ray's restore (KeyError: 'test_fold')."""
-    from trainable.run.resume import set_aside_damaged_snapshots
+def test_damaged_saved_state_is_set_aside_and_kept_and_restore_needs_all_of_it(tmp_path):
+    """Review of issue 23: a snapshot cut short, or one that parses but is not Ray's ({}), or a search state cut short
+    made every re-run fail in Ray's restore (KeyError: 'test_fold'); with every snapshot set aside, Tuner.restore still
+    ran (tuner.pkl was there) and failed the same way."""
+    import ray.cloudpickle as cloudpickle
+
+    from trainable.run.resume import restorable, set_aside_damaged_snapshots
     from trainable.store.storage import Store
 
-    good, cut = '{"trial_data": []}', '{"trial_data": [["{\\"config'
-    (tmp_path / "experiment_state-2026-12-04_05-00-00.json").write_text(good)
-    (tmp_path / "experiment_state-2026-12-04_06-00-00.json").write_text(cut)
-    (tmp_path / "result.json").write_text("{")  # not a snapshot: left alone
-    assert set_aside_damaged_snapshots(Store.open(tmp_path)) == ["experiment_state-2026-12-04_06-00-00.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "experiment_state-2026-12-04_05-00-00.json", "experiment_state-2026-12-04_06-00-00.json.damaged", "result.json"]
-    assert (tmp_path / "experiment_state-2026-12-04_06-00-00.json.damaged").read_text() == cut
+    store = Store.open(tmp_path)
+    good, searcher = '{"trial_data": [], "runner_data": {}}', cloudpickle.dumps({"_finished": True})
+    files = {"experiment_state-2026-12-04_05-00-00.json": good, "experiment_state-2026-12-04_06-00-00.json": '{"trial',
+             "experiment_state-2026-12-04_07-00-00.json": "{}", "basic-variant-state-2026-12-04_05-00-00.json": searcher,
+             "basic-variant-state-2026-12-04_06-00-00.json": searcher[:10], "tuner.pkl": b"x", "result.json": "{"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert sorted(set_aside_damaged_snapshots(store)) == [
+        "basic-variant-state-2026-12-04_06-00-00.json", "experiment_state-2026-12-04_06-00-00.json",
+        "experiment_state-2026-12-04_07-00-00.json"]
+    assert (tmp_path / "experiment_state-2026-12-04_06-00-00.json.damaged").read_text() == '{"trial'
+    assert (tmp_path / "result.json").read_text() == "{"  # not Ray's saved state: left alone
+    assert restorable(store)
+    (tmp_path / "experiment_state-2026-12-04_05-00-00.json").write_text("")
+    assert set_aside_damaged_snapshots(store) == ["experiment_state-2026-12-04_05-00-00.json"]
+    assert not restorable(store)  # no snapshot left: the folds not finished start in a new Tuner
 
 
 def test_a_manifest_without_the_flag_binds(tmp_path):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 RESTORE_FALLBACK_ENV = "ASTCV_RESTORE_FALLBACK"  # 0: Ray's own restore (the kill-point test shows it fails)
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
 _SNAPSHOT = re.compile(r"^experiment_state-.*\.json$")
+_SEARCHER = re.compile(r"^basic-variant-state-.*\.json$")
 
 
 def checkpoint_folders(fs, trial_path: str) -> list[tuple[int, str]]:
@@ -189,23 +190,57 @@ def use_this_runs_settings(tuner, callbacks, stop) -> None:
     run_config.stop = stop
 
 
+def _experiment_state_ok(raw: bytes) -> bool:
+    try:
+        state = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return False
+    return isinstance(state, dict) and isinstance(state.get("trial_data"), list) and isinstance(
+        state.get("runner_data"), dict)
+
+
+def _searcher_state_ok(raw: bytes) -> bool:
+    import ray.cloudpickle as cloudpickle
+
+    try:
+        return isinstance(cloudpickle.loads(raw), dict)
+    except Exception:  # cut short or not Ray's: whatever unpickling raises
+        return False
+
+
+# Ray's restore reads the newest of each: the experiment snapshot (JSON) and the search algorithm's state (a pickle,
+# written in the same save).
+_SAVED_STATE = ((_SNAPSHOT, _experiment_state_ok), (_SEARCHER, _searcher_state_ok))
+
+
 def set_aside_damaged_snapshots(store) -> list[str]:
-    """Ray restores from the experiment's newest snapshot (``experiment_state-*.json``); one cut short (the driver
-    killed while it was copied to storage) made every re-run fail with a traceback. Each snapshot that does not parse
-    is renamed to NAME.damaged (kept for a look), so Ray restores from the newest intact one of an earlier session, if
-    any (its trials continue from what their folders hold: ``RestoreWhatIsThere``). Returns the names set aside."""
+    """Ray restores from the experiment's newest snapshot (``experiment_state-*.json``) and search state
+    (``basic-variant-state-*.json``); one cut short (the driver killed while it was copied to storage) or not Ray's
+    made every re-run fail with a traceback. Each such file is renamed to NAME.damaged (kept for a look), so Ray
+    restores from the newest intact ones of an earlier session, if any (its trials continue from what their folders
+    hold: ``RestoreWhatIsThere``). Returns the names set aside."""
     damaged = []
     for name in store.list_files():
-        if not _SNAPSHOT.match(name):
+        ok = next((check for pattern, check in _SAVED_STATE if pattern.match(name)), None)
+        if ok is None:
             continue
-        raw = store.read_bytes(name)
-        try:
-            json.loads((raw or b"").decode("utf-8"))
-        except ValueError:
-            store.write_bytes(f"{name}.damaged", raw or b"")
-            store.delete(name)
+        if not ok(store.read_bytes(name) or b""):
+            set_aside(store, name)
             damaged.append(name)
     return damaged
+
+
+def restorable(store) -> bool:
+    """Whether Ray's restore has what it reads: the Tuner (tuner.pkl), a snapshot and a search state (intact, once
+    ``set_aside_damaged_snapshots`` ran). Without them ``Tuner.restore`` started a grid of empty configs."""
+    names = store.list_files()
+    return "tuner.pkl" in names and all(any(pattern.match(n) for n in names) for pattern, _ in _SAVED_STATE)
+
+
+def set_aside(store, name: str) -> None:
+    """Rename ``name`` in the experiment folder to NAME.damaged."""
+    store.write_bytes(f"{name}.damaged", store.read_bytes(name) or b"")
+    store.delete(name)
 
 
 def folds_not_started(plan: Plan, tuner=None) -> list[int]:

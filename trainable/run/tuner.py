@@ -29,8 +29,8 @@ from .plan import GRID_KEYS, Plan
 from .quiet import driver_env
 from .progress import Progress, TrialView
 from ..faults import FAULT_ENVS, armed, kill_point
-from .resume import (folds_not_started, kill_point_hooks, run_settings, set_aside_damaged_snapshots,
-                     use_this_runs_settings, with_restore_fallback)
+from .resume import (folds_not_started, kill_point_hooks, restorable, run_settings, set_aside,
+                     set_aside_damaged_snapshots, use_this_runs_settings, with_restore_fallback)
 from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
 
 REUSE_WORKERS_ENV = "ASTCV_REUSE_WORKERS"  # 0: a new worker process per trial (benchmarks/startup.py compares)
@@ -350,18 +350,27 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2, trial
             Path(os.environ[TIMELINE_ENV]).write_text(json.dumps(progress.timeline_json()))
 
 
+def damaged(name: str) -> None:
+    print(f"warning: the experiment's saved state {name} is damaged (cut short?): set aside as {name}.damaged; "
+          f"restoring from what else is there (a fold without restorable trials starts again).", flush=True)
+
+
 def restore_and_fit(tune, plan: Plan, trainable, callbacks, stop) -> list[int]:
     """Continue the recorded Ray run (its newest intact snapshot; damaged ones set aside) to its end; the test folds
     still to start afterwards (``resume.folds_not_started``; with no snapshot to restore: those not finished)."""
     for name in set_aside_damaged_snapshots(plan.store):
-        print(f"warning: the experiment snapshot {name} is damaged (cut short?): set aside as {name}.damaged; "
-              f"restoring from what else is there.", flush=True)
-    if not tune.Tuner.can_restore(plan.exp_dir):
+        damaged(name)
+    if not restorable(plan.store):
         return folds_not_started(plan)
     print(f"Resuming {plan.exp_dir}: finished trials are kept, the others continue from their last checkpoint.",
           flush=True)
     alias_moved_modules()
-    tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
+    try:
+        tuner = tune.Tuner.restore(plan.exp_dir, trainable, resume_errored=True)
+    except (pickle.UnpicklingError, EOFError):  # tuner.pkl cut short (a growth rewrites it)
+        set_aside(plan.store, "tuner.pkl")
+        damaged("tuner.pkl")
+        return folds_not_started(plan)
     use_this_runs_settings(tuner, callbacks, stop)
     fit(tuner, plan)
     return folds_not_started(plan, tuner)

@@ -68,7 +68,11 @@ def _valid(held: dict[str, Any]) -> bool:
         return False
     if not all(isinstance(held[k], t) for k, t in _OPTIONAL.items() if k in held):
         return False
-    return 1 < held["pid"] < PID_LIMIT and math.isfinite(held.get("refreshed", 0.0))
+    try:
+        finite = math.isfinite(held.get("refreshed", 0.0))
+    except OverflowError:  # an int too large for a float
+        return False
+    return finite and 1 < held["pid"] < PID_LIMIT
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
