@@ -128,3 +128,13 @@ def s3(tmp_path, monkeypatch):
     with moto_server(monkeypatch):
         boto3.client("s3").create_bucket(Bucket="astcv-test")
         yield "s3://astcv-test/runs"
+
+
+@pytest.fixture
+def local_ray():
+    """A one-CPU Ray of the test's own (never another one running on the machine), shut down after the test."""
+    import ray
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -294,16 +294,6 @@ def test_remaining_tracebacks_are_one_line(tmp_path, exported, capsys):
     assert time.time() - start < 5
 
 
-@pytest.fixture
-def local_ray():
-    """A one-CPU Ray of the test's own (never another one running on the machine), shut down after the test."""
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_in_epoch_news_travels_from_a_ray_worker_to_the_console(local_ray):
     import ray

@@ -57,15 +57,19 @@ def run(cmd: list[str], log: Path, **env: str) -> int:
                 pass
 
 
-def kill_at(cmd: list[str], moment: str, tmp: Path) -> None:
-    """Run ``cmd`` with a kill armed at ``moment``; it must die of it there."""
+def kill_at(cmd: list[str], moment: str, tmp: Path, may_finish: bool = False) -> bool:
+    """Run ``cmd`` with a kill armed at ``moment``; it must die of it there. ``may_finish``: it may instead finish
+    (exit status 0) before it reaches the moment (the experiment had no more of it left); whether it was killed."""
     mark = tmp / f"fired-{moment.replace(':', '-')}-{time.monotonic_ns()}"
     log = tmp / "runs.log"
     with open(log, "a") as out:
         out.write(f"\n===== kill at {moment}: {' '.join(cmd[1:])}\n")
     rc = run(cmd, log, **{KILL_AT_ENV: moment, KILL_MARK_ENV: str(mark)})
+    if may_finish and rc == 0 and fired(mark) is None:
+        return False
     assert rc == -signal.SIGKILL and fired(mark) == re.split("[:@]", moment)[0], (
         f"the run was to be killed at {moment} (exit status {rc}):\n{log.read_text()[-4000:]}")
+    return True
 
 
 def finish(cmd: list[str], tmp: Path, tries: int = 3) -> int:
@@ -114,7 +118,9 @@ def test_killed_in_the_checkpoint_window_and_during_growth_the_same_command_fini
     kill_at(grow, "checkpoint_stored@fold02", tmp_path)
     assert finish(grow, tmp_path) == 1
     last_run = (tmp_path / "runs.log").read_text().rsplit("===== re-run", 1)[1]
-    assert " epoch 2/2" in last_run and not re.search(r"fold01\S* epoch", last_run), last_run[-4000:]
+    # fold 2 continues from its epoch-1 checkpoint, stored before the kill, whether or not Ray's snapshot names it
+    # (it was trained again from scratch when the snapshot did not: review B3)
+    assert " epoch 2/2" in last_run and not re.search(r"fold01\S* epoch|fold02\S* epoch 1/2", last_run), last_run[-4000:]
     assert all(f"{n} is damaged" in (tmp_path / "runs.log").read_text() and store.is_file(f"{n}.damaged")
                for n in snapshots)
     assert numbers(f"{s3}/chain") == uninterrupted
@@ -125,11 +131,18 @@ def test_killed_in_the_checkpoint_window_and_during_growth_the_same_command_fini
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_every_kill_point_then_the_same_command_finishes_equal(where, demo_assets, uninterrupted, request, tmp_path):
     storage = request.getfixturevalue("s3") if where == "s3" else str(tmp_path / "runs")
-    cmd = command(demo_assets, storage, "sweep")
+    sweeps = 0
+    cmd = command(demo_assets, storage, "sweep0")
     for moment in TRAINING_MOMENTS:
-        kill_at(cmd, moment, tmp_path)
+        # a resumed trial redoes no epoch, so an experiment can finish before the chain's later moments: it must then
+        # equal the uninterrupted run, and the chain goes on with a new experiment, killed at that moment
+        if not kill_at(cmd, moment, tmp_path, may_finish=True):
+            assert numbers(f"{storage}/sweep{sweeps}") == uninterrupted
+            sweeps += 1
+            cmd = command(demo_assets, storage, f"sweep{sweeps}")
+            kill_at(cmd, moment, tmp_path)
     assert finish(cmd, tmp_path) <= 2
-    assert numbers(f"{storage}/sweep") == uninterrupted
+    assert numbers(f"{storage}/sweep{sweeps}") == uninterrupted
     grow, one_fold = command(demo_assets, storage, "grow"), command(demo_assets, storage, "grow", test_folds=(1,))
     assert finish(one_fold, tmp_path) == 1
     kill_at(grow, "manifest", tmp_path)  # the grown grid recorded

@@ -185,3 +185,96 @@ def test_max_failures_given_on_resume_applies_to_restored_trials(demo_assets, tm
     assert fired(second) == "best", log.read_text()
     assert rc == 0, log.read_text()[-4000:]
     assert "retrying from its last checkpoint" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_trial_ray_starts_afresh_continues_from_the_checkpoints_in_its_folder(local_ray, tmp_path):
+    """Review of issue 23 (B3): after a damaged snapshot, a trial that finished (or ran epochs) after the restored older
+    snapshot, or whose fold starts in a new Tuner because no snapshot was left, was trained again from scratch: Ray
+    gave it no checkpoint. It continues from its folder's newest checkpoint (a finished one ends at once), and its
+    next checkpoint goes past every folder there. One CPU: the trials run one after another in one reused worker, so
+    both ways Ray starts a trial (a new worker's setup, a reused worker's reset) are taken."""
+    from ray import tune
+
+    from trainable.run.resume import with_restore_fallback
+
+    def trial(config):
+        checkpoint = tune.get_checkpoint()
+        done = int((Path(checkpoint.path) / "epoch").read_text()) if checkpoint else 0
+        for epoch in range(done + 1, 3):
+            folder = tmp_path / f"report-{config['point']}-{epoch}"
+            folder.mkdir()
+            (folder / "epoch").write_text(str(epoch))
+            tune.report({"epoch": epoch, "resumed_after": done}, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+    exp = tmp_path / "exp"
+    for point, folders in {"finished": {2: 1, 4: 2}, "half": {3: 1}}.items():  # checkpoint index: epochs it holds
+        for index, epoch in folders.items():
+            (exp / point / f"checkpoint_{index:06d}").mkdir(parents=True)
+            (exp / point / f"checkpoint_{index:06d}" / "epoch").write_text(str(epoch))
+    tuner = tune.Tuner(with_restore_fallback(trial), param_space={"point": tune.grid_search(["finished", "half", "new"])},
+                       tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: t.config["point"], reuse_actors=True),
+                       run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    reported = {r.config["point"]: [row["epoch"] for row in (r.metrics_dataframe.to_dict("records")
+                                                              if r.metrics_dataframe is not None else [])]
+                for r in tuner.fit()}
+    assert reported == {"finished": [], "half": [2], "new": [1, 2]}
+    assert (exp / "half" / "checkpoint_000004" / "epoch").read_text() == "2"  # past checkpoint_000003, not over it
+    assert (exp / "new" / "checkpoint_000001" / "epoch").read_text() == "2"
+    assert sorted(p.name for p in (exp / "finished").glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000004"]
+
+
+
+@pytest.mark.slow
+def test_a_trial_whose_folder_holds_its_last_epoch_ends_at_once(local_ray, demo_assets, tmp_path):
+    """Review B3: a finished trial that Ray starts again finds its last checkpoint in its folder, then ends before
+    loading model or data, with one result that holds no epoch (a trial ending without any result makes Ray print
+    "Trial ... completed. Last result:"). Before the fix it trained again from scratch."""
+    from ray import tune
+
+    from trainable.run.resume import with_restore_fallback
+    from trainable.run.trial import FINISHED_EARLIER, tune_trial
+    from trainable.run.tuner import tensorboard_callback, trial_name
+    from trainable.store.experiment import TRAINER_STATE
+
+    plan, _ = _plan(*_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--test-folds", "1", "--lrs", "1e-3",
+                           "--batch-sizes", "8", "--epochs", "2"))
+    last = tmp_path / "exp" / trial_dirname(1, 1e-3, 8) / "checkpoint_000001"
+    last.mkdir(parents=True)
+    (last / TRAINER_STATE).write_text(json.dumps({"epoch": 2, "config": {"epochs": 2}}))
+    trainable = with_restore_fallback(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir))
+    tuner = tune.Tuner(trainable, param_space={"test_fold": tune.grid_search([1]), "lr": tune.grid_search([1e-3]),
+                                               "batch_size": tune.grid_search([8])},
+                       tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name),
+                       run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                                 callbacks=[tensorboard_callback()]))  # Ray's own logger writes none
+    [result] = tuner.fit()
+    assert result.error is None and result.metrics[FINISHED_EARLIER] is True and "epoch" not in result.metrics
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(("checkpoint_", "events"))) == [last.name]
+
+
+def test_a_finished_trial_keeps_only_its_last_checkpoint_once_that_one_is_intact(tmp_path):
+    """Ray deletes only the checkpoints it registered: a trial that continued from a checkpoint Ray did not name left
+    the older folder behind (1.03 GB at AST-base). The driver removes a finished trial's older checkpoints, and only
+    when the newest holds the last epoch and is intact."""
+    from trainable.run.resume import drop_superseded_checkpoints
+    from trainable.store.experiment import TRAINER_STATE
+    from trainable.store.storage import Store
+
+    def checkpoint(trial: str, index: int, epoch: int, text: str | None = None) -> None:
+        folder = tmp_path / trial / f"checkpoint_{index:06d}"
+        folder.mkdir(parents=True)
+        (folder / TRAINER_STATE).write_text(text or json.dumps({"epoch": epoch, "config": {"epochs": 2}}))
+
+    for index, epoch in ((1, 1), (3, 1), (4, 2)):
+        checkpoint("done", index, epoch)
+    checkpoint("running", 2, 1)
+    checkpoint("running", 3, 1)
+    checkpoint("damaged", 1, 1)
+    checkpoint("damaged", 2, 2, text='{"epoch": 2, "con')  # cut short
+    checkpoint("one", 0, 2)
+    assert drop_superseded_checkpoints(Store.open(tmp_path), epochs=2) == ["done/checkpoint_000001",
+                                                                           "done/checkpoint_000003"]
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["checkpoint_000004"]
+    assert len(list((tmp_path / "running").iterdir())) == 2 and len(list((tmp_path / "damaged").iterdir())) == 2

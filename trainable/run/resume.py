@@ -9,7 +9,8 @@ then raises "Could not recover from checkpoint as it does not exist on storage a
 on every re-run. ``RestoreWhatIsThere`` (a mixin of Ray's function trainable, given through ``__mixins__``) restores
 from the newest checkpoint folder the trial has instead (the trial then picks the newest intact one, see
 ``trial.choose_restore_point``), or starts the trial afresh, with one warning; and it moves Ray's checkpoint index past
-every folder there, so a checkpoint written later never lands in an orphaned newer folder.
+every folder there, so a checkpoint written later never lands in an orphaned newer folder. A trial Ray starts without
+a checkpoint continues from its folder's too (``continue_from_folder``): a finished one ends at once.
 """
 
 from __future__ import annotations
@@ -73,8 +74,43 @@ def what_is_there(result) -> tuple[Any, int]:
     return type(result)(checkpoint=Checkpoint(newest, filesystem=fs), metrics=dict(result.metrics or {})), top
 
 
+def continue_from_folder(storage) -> str | None:
+    """For a trial Ray starts without a checkpoint whose folder holds some: the newest one there becomes the trial's
+    (``tune.get_checkpoint()``; the trial then picks the newest intact one) and Ray's checkpoint index moves past every
+    folder there. Such a trial finished, or ran epochs, after the experiment snapshot that was restored (the newer
+    ones were damaged and set aside), or its fold starts in a new Tuner because no snapshot could be restored: without
+    this it was trained again from scratch (review of issue 23, B3). Called once the trial's session exists; when Ray
+    restores the trial after that, its ``restore`` replaces the checkpoint (``RestoreWhatIsThere``). The folder given,
+    or None."""
+    from ray.train._internal.session import get_session
+    from ray.tune import Checkpoint
+
+    session = get_session()
+    if storage is None or session is None:
+        return None
+    folders = checkpoint_folders(storage.storage_filesystem, storage.trial_fs_path)
+    if not folders:
+        return None
+    storage.current_checkpoint_index = max(storage.current_checkpoint_index, folders[-1][0])
+    if session.loaded_checkpoint is not None:
+        return None
+    session.loaded_checkpoint = Checkpoint(folders[-1][1], filesystem=storage.storage_filesystem)
+    log.warning("Ray starts this trial afresh, but its folder holds checkpoints: continuing from %s", folders[-1][1])
+    return folders[-1][1]
+
+
 class RestoreWhatIsThere:
     """Mixin of Ray's function trainable (``tune_trial.__mixins__``): see the module's docstring."""
+
+    def setup(self, config):
+        super().setup(config)
+        continue_from_folder(getattr(self, "_storage", None))
+
+    def reset_config(self, new_config):  # a reused worker's next trial (Tune's reuse_actors): no setup
+        reset = super().reset_config(new_config)
+        if reset:
+            continue_from_folder(getattr(self, "_storage", None))
+        return reset
 
     def restore(self, checkpoint_path):
         from ray.tune import Checkpoint
@@ -259,6 +295,32 @@ def folds_not_started(plan: Plan, tuner=None) -> list[int]:
     finished = {f for f in plan.grid["test_fold"]
                 if all(name in plan.finished for name, (fold, *_) in trials.items() if fold == int(f))}
     return [f for f in plan.grid["test_fold"] if int(f) not in held and f not in finished]
+
+
+def drop_superseded_checkpoints(store, epochs: int) -> list[str]:
+    """With ``--keep-checkpoints best`` a finished trial keeps its last checkpoint only, but Ray deletes only the
+    checkpoints it registered: a trial that continued from a folder Ray did not name (``RestoreWhatIsThere``,
+    ``continue_from_folder``) left the older ones behind, 1.03 GB each at AST-base. Once a trial's newest checkpoint
+    holds its last epoch and is intact (checked on a local copy), its older ones are removed. Run by the driver after
+    its Tuners returned (no trial writes then). Returns the folders removed."""
+    from contextlib import ExitStack
+
+    from ..fit.checkpoint import checkpoint_problem, read_trainer_state
+    from .trial import local_copy
+
+    removed = []
+    for trial in store.list_dirs():
+        folders = [d for d in store.list_dirs(trial) if _CHECKPOINT.match(d)]
+        if len(folders) < 2:
+            continue
+        with ExitStack() as stack:
+            newest = local_copy(store.fs, store.path(f"{trial}/{folders[-1]}"), stack)
+            if newest is None or checkpoint_problem(newest) is not None or read_trainer_state(newest).epoch < epochs:
+                continue
+        for older in folders[:-1]:
+            store.delete(f"{trial}/{older}")
+            removed.append(f"{trial}/{older}")
+    return removed
 
 
 def with_restore_fallback(trainable):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..faults import hold_point, kill_point
-from ..fit.checkpoint import pick_restore_point
+from ..fit.checkpoint import pick_restore_point, read_trainer_state
 from ..config import TrainConfig
 from ..store.experiment import CUDA_VISIBLE_DEVICES, NODE_ID
 from ..store.storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
@@ -22,6 +22,7 @@ from .cluster import require_cuda
 
 log = logging.getLogger(__name__)
 
+FINISHED_EARLIER = "finished_earlier"  # the one result of a trial that found its last epoch's checkpoint in its folder
 _trials_in_this_process = 0  # Tune reuses a trial's worker for the next trial (see tuner.REUSE_WORKERS)
 
 
@@ -66,7 +67,10 @@ def local_copy(fs, path: str, stack: ExitStack) -> Path | None:
 
 
 def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:
-    """The newest intact checkpoint of the trial on this machine, warning about each damaged or missing one."""
+    """The newest intact checkpoint of the trial on this machine, warning about each damaged or missing one (None:
+    none, or no ``checkpoint`` from Ray)."""
+    if checkpoint is None:
+        return None
     for fs, path in restore_candidates(checkpoint):
         local = local_copy(fs, path, stack)
         if local is None:
@@ -79,6 +83,19 @@ def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:
             return chosen
     log.warning("no usable checkpoint for this trial: restarting it from scratch")
     return None
+
+
+def ended_before(restore: Path | None, epochs: int, name: str) -> bool:
+    """Whether the checkpoint the trial restores holds its last epoch already: a finished trial Ray started again
+    (``resume.continue_from_folder``). It then reports so, with no epoch row (a trial ending without any result makes
+    Ray print "Trial ... completed. Last result:"), and ends before loading model or data."""
+    from ray import tune
+
+    if restore is None or read_trainer_state(restore).epoch < epochs:
+        return False
+    log.info("%s ran all its %d epochs already (%s): nothing to do", name, epochs, restore)
+    tune.report({FINISHED_EARLIER: True})
+    return True
 
 
 def worker_startup() -> dict[str, Any]:
@@ -145,8 +162,9 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
         hold_point("checkpoint_stored", name)
 
     with ExitStack() as stack:
-        checkpoint = tune.get_checkpoint()
-        restore = choose_restore_point(checkpoint, stack) if checkpoint is not None else None
+        restore = choose_restore_point(tune.get_checkpoint(), stack)
+        if ended_before(restore, config.epochs, name):
+            return
         curves = live_curves(exp_dir, name, config, stack)  # TensorBoard, while the epoch runs
         try:
             fit(config, report, restore_dir=restore, on_progress=on_progress, startup=startup, on_step=curves.step)
