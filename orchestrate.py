@@ -304,8 +304,9 @@ def run(args: argparse.Namespace) -> int:
         return report_only(args.report_only)
     import torch
 
-    from trainable.run.prepare import make_plan
     from trainable.results.reduce import summarize
+    from trainable.run.prepare import make_plan
+    from trainable.run.resume import drop_superseded_checkpoints
 
     gpus = torch.cuda.device_count()
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) / 2**30 if gpus else None
@@ -329,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
                 return 130
             failed = outcome.failed
+        if plan.config.keep_checkpoints == "best":  # what interrupted runs left behind, once the trials finished
+            drop_superseded_checkpoints(plan.store, plan.config.epochs)
     print_summary(summary, plan.exp_dir)
     if failed:
         print(f"{failed} trial(s) failed; see error.txt in their folders. Re-run the same command to retry them.",

@@ -233,7 +233,7 @@ def test_a_trial_whose_folder_holds_its_last_epoch_ends_at_once(local_ray, demo_
     "Trial ... completed. Last result:"). Before the fix it trained again from scratch."""
     from ray import tune
 
-    from trainable.run.resume import with_restore_fallback
+    from trainable.run.resume import run_settings, with_restore_fallback
     from trainable.run.trial import FINISHED_EARLIER, tune_trial
     from trainable.run.tuner import tensorboard_callback, trial_name
     from trainable.store.experiment import TRAINER_STATE
@@ -243,29 +243,32 @@ def test_a_trial_whose_folder_holds_its_last_epoch_ends_at_once(local_ray, demo_
     last = tmp_path / "exp" / trial_dirname(1, 1e-3, 8) / "checkpoint_000001"
     last.mkdir(parents=True)
     (last / TRAINER_STATE).write_text(json.dumps({"epoch": 2, "config": {"epochs": 2}}))
+    rows = "".join(json.dumps({"epoch": e, "val_accuracy": 0.5}) + "\n" for e in (1, 2))
+    (last.parent / "result.json").write_text(rows)  # the earlier run's: Ray's logger started it empty (review of B3)
     trainable = with_restore_fallback(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir))
     tuner = tune.Tuner(trainable, param_space={"test_fold": tune.grid_search([1]), "lr": tune.grid_search([1e-3]),
                                                "batch_size": tune.grid_search([8])},
                        tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name),
                        run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
-                                                 callbacks=[tensorboard_callback()]))  # Ray's own logger writes none
-    [result] = tuner.fit()
+                                                 callbacks=[tensorboard_callback(), run_settings(plan, 0)]))
+    [result] = tuner.fit()  # (Ray's own TensorBoard logger would write an events file)
     assert result.error is None and result.metrics[FINISHED_EARLIER] is True and "epoch" not in result.metrics
+    assert (last.parent / "result.json").read_text().startswith(rows)
     assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(("checkpoint_", "events"))) == [last.name]
 
 
 def test_a_finished_trial_keeps_only_its_last_checkpoint_once_that_one_is_intact(tmp_path):
     """Ray deletes only the checkpoints it registered: a trial that continued from a checkpoint Ray did not name left
     the older folder behind (1.03 GB at AST-base). The driver removes a finished trial's older checkpoints, and only
-    when the newest holds the last epoch and is intact."""
+    when the newest holds the trial's own last epoch (a --grid epochs=... trial has its own) and is intact."""
     from trainable.run.resume import drop_superseded_checkpoints
     from trainable.store.experiment import TRAINER_STATE
     from trainable.store.storage import Store
 
-    def checkpoint(trial: str, index: int, epoch: int, text: str | None = None) -> None:
+    def checkpoint(trial: str, index: int, epoch: int, epochs: int = 2, text: str | None = None) -> None:
         folder = tmp_path / trial / f"checkpoint_{index:06d}"
         folder.mkdir(parents=True)
-        (folder / TRAINER_STATE).write_text(text or json.dumps({"epoch": epoch, "config": {"epochs": 2}}))
+        (folder / TRAINER_STATE).write_text(text or json.dumps({"epoch": epoch, "config": {"epochs": epochs}}))
 
     for index, epoch in ((1, 1), (3, 1), (4, 2)):
         checkpoint("done", index, epoch)
@@ -274,7 +277,32 @@ def test_a_finished_trial_keeps_only_its_last_checkpoint_once_that_one_is_intact
     checkpoint("damaged", 1, 1)
     checkpoint("damaged", 2, 2, text='{"epoch": 2, "con')  # cut short
     checkpoint("one", 0, 2)
-    assert drop_superseded_checkpoints(Store.open(tmp_path), epochs=2) == ["done/checkpoint_000001",
-                                                                           "done/checkpoint_000003"]
+    checkpoint("three_epochs_done", 0, 2, epochs=3)
+    checkpoint("three_epochs_done", 1, 3, epochs=3)
+    checkpoint("one_epoch_done", 0, 1, epochs=1)
+    checkpoint("one_epoch_done", 1, 1, epochs=1)
+    checkpoint("three_epochs_running", 0, 1, epochs=3)
+    checkpoint("three_epochs_running", 1, 2, epochs=3)
+    assert drop_superseded_checkpoints(Store.open(tmp_path), epochs=2) == [
+        "done/checkpoint_000001", "done/checkpoint_000003", "one_epoch_done/checkpoint_000000",
+        "three_epochs_done/checkpoint_000000"]
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["checkpoint_000004"]
-    assert len(list((tmp_path / "running").iterdir())) == 2 and len(list((tmp_path / "damaged").iterdir())) == 2
+    assert all(len(list((tmp_path / t).iterdir())) == 2 for t in ("running", "damaged", "three_epochs_running"))
+
+
+def test_a_trial_restores_from_the_newest_checkpoint_in_its_folder_not_the_one_ray_names(tmp_path):
+    """Review of B3: with --keep-checkpoints all, the checkpoint Ray's snapshot names may be older than the folder's
+    newest (the driver was killed before its next snapshot): the trial resumed from it and trained an epoch again."""
+    import pyarrow.fs as pafs
+    from ray.tune import Checkpoint
+
+    from trainable.run.trial import restore_candidates
+
+    for index in (0, 1, 10):
+        (tmp_path / "trial" / f"checkpoint_{index:06d}").mkdir(parents=True)
+    (tmp_path / "trial" / "checkpoint_tmp").mkdir()  # not one of Ray's
+    fs, folder = pafs.LocalFileSystem(), str(tmp_path / "trial")
+    newest_first = [f"{folder}/checkpoint_{i:06d}" for i in (10, 1, 0)]
+    assert restore_candidates(Checkpoint(f"{folder}/checkpoint_000001", filesystem=fs)) == [(fs, p) for p in newest_first]
+    gone = f"{folder}/checkpoint_000011"  # named by the snapshot, deleted since: tried first, then found missing
+    assert [p for _, p in restore_candidates(Checkpoint(gone, filesystem=fs))] == [gone, *newest_first]

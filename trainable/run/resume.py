@@ -19,10 +19,12 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from ..faults import kill_point
 from ..store.experiment import EXPERIMENT_STARTED, expected_trials, parse_trial_dirname, read_manifest, update_manifest
+from ..store.storage import temp_dir
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,20 @@ def checkpoint_folders(fs, trial_path: str) -> list[tuple[int, str]]:
         return []
     found = [(int(m[1]), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := _CHECKPOINT.match(i.base_name))]
     return sorted(found)
+
+
+def local_copy(fs, path: str, stack) -> Path | None:
+    """The checkpoint folder on this machine: itself on a local filesystem, else a temporary copy removed when
+    ``stack`` (an ExitStack) closes. None when it does not exist."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(path)
+    tmp = Path(stack.enter_context(temp_dir("restore")))
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return tmp
 
 
 def exists(fs, path: str) -> bool:
@@ -210,11 +226,35 @@ def run_settings(plan: Plan, max_failures: int):
                 trial.max_failures = max_failures
 
         def on_trial_start(self, iteration, trials, trial, **info):
+            keep_earlier_rows(trial)
             if not started[0]:
                 update_manifest(plan.store, **{EXPERIMENT_STARTED: True})
                 started[0] = True
 
     return RunSettings()
+
+
+def keep_earlier_rows(trial) -> None:
+    """Ray's loggers continue a trial's result.json and progress.csv from storage only when Ray restores the trial from
+    a checkpoint. One it starts afresh that continues from its folder (``continue_from_folder``) or ends at once began
+    them empty on the driver, and the next sync replaced the ones on storage: the rows of its earlier epochs were lost
+    (review of B3). They are copied from storage first, where this driver has none (Ray's loggers, later in Tune's
+    callback list, then append to them)."""
+    import pyarrow.fs as pafs
+    from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
+
+    if trial.checkpoint is not None:
+        return
+    fs, local = trial.storage.storage_filesystem, Path(trial.local_path)
+    for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
+        remote = f"{trial.storage.trial_fs_path.rstrip('/')}/{name}"
+        try:
+            if (local / name).exists() or fs.get_file_info(remote).type != pafs.FileType.File:
+                continue
+            local.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(remote, str(local / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        except OSError as exc:  # the rows stay in the trial's checkpoints (the reducer reads them there too)
+            log.warning("could not copy %s of %s from storage: %s", name, trial, exc)
 
 
 def use_this_runs_settings(tuner, callbacks, stop) -> None:
@@ -306,7 +346,6 @@ def drop_superseded_checkpoints(store, epochs: int) -> list[str]:
     from contextlib import ExitStack
 
     from ..fit.checkpoint import checkpoint_problem, read_trainer_state
-    from .trial import local_copy
 
     removed = []
     for trial in store.list_dirs():
@@ -315,7 +354,10 @@ def drop_superseded_checkpoints(store, epochs: int) -> list[str]:
             continue
         with ExitStack() as stack:
             newest = local_copy(store.fs, store.path(f"{trial}/{folders[-1]}"), stack)
-            if newest is None or checkpoint_problem(newest) is not None or read_trainer_state(newest).epoch < epochs:
+            if newest is None or checkpoint_problem(newest) is not None:
+                continue
+            state = read_trainer_state(newest)
+            if not (state.finished if state.config else state.epoch >= epochs):  # a --grid epochs=... trial: its own
                 continue
         for older in folders[:-1]:
             store.delete(f"{trial}/{older}")

@@ -16,9 +16,10 @@ from ..faults import hold_point, kill_point
 from ..fit.checkpoint import pick_restore_point, read_trainer_state
 from ..config import TrainConfig
 from ..store.experiment import CUDA_VISIBLE_DEVICES, NODE_ID
-from ..store.storage import StorageFull, is_disk_full, join, sweep_temp, temp_dir
+from ..store.storage import StorageFull, is_disk_full, join, sweep_temp
 from .axes import expand_axes
 from .cluster import require_cuda
+from .resume import checkpoint_folders, local_copy
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +38,13 @@ def process_age() -> float | None:
 
 
 def restore_candidates(checkpoint) -> list[tuple[Any, str]]:
-    """(filesystem, path) of the trial's checkpoints, newest first: the one Ray restores from, then the other
-    ``checkpoint_*`` folders beside it (Ray's experiment snapshot may name one that was deleted since)."""
-    import pyarrow.fs as pafs
-
+    """(filesystem, path) of the trial's checkpoints, newest first by index: the ``checkpoint_*`` folders beside the one
+    Ray restores from, that one included (first when it is none of them: gone, or named otherwise). Ray's experiment
+    snapshot may name one that was deleted since, or, with --keep-checkpoints all, one older than the folder holds
+    (the trial trained an epoch again)."""
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent = path.rsplit("/", 1)[0]
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
-    except OSError:
-        infos = []
-    siblings = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-                       and i.path.rstrip("/") != path), reverse=True)
-    return [(fs, path), *((fs, p) for p in siblings)]
-
-
-def local_copy(fs, path: str, stack: ExitStack) -> Path | None:
-    """The checkpoint folder on this machine: itself on a local filesystem, else a temporary copy removed when
-    ``stack`` closes. None when it does not exist."""
-    import pyarrow.fs as pafs
-
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return None
-    if isinstance(fs, pafs.LocalFileSystem):
-        return Path(path)
-    tmp = Path(stack.enter_context(temp_dir("restore")))
-    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return tmp
+    folders = [p.rstrip("/") for _, p in reversed(checkpoint_folders(fs, path.rsplit("/", 1)[0]))]
+    return [(fs, p) for p in ([] if path in folders else [path]) + folders]
 
 
 def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:

@@ -29,7 +29,7 @@ from .plan import GRID_KEYS, Plan
 from .quiet import driver_env
 from .progress import Progress, TrialView
 from ..faults import FAULT_ENVS, armed, kill_point
-from .resume import (drop_superseded_checkpoints, folds_not_started, kill_point_hooks, restorable, run_settings, set_aside,
+from .resume import (folds_not_started, kill_point_hooks, restorable, run_settings, set_aside,
                      set_aside_damaged_snapshots, use_this_runs_settings, with_restore_fallback)
 from ..store.storage import StorageFull, exception_chain, free_bytes, human_bytes, is_disk_full
 
@@ -342,8 +342,6 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2, trial
                 if plan.restore:
                     kill_point("growth")
                 fit(new_tuner(tune, plan, trainable, new_folds, callbacks, debug, max_failures, stop), plan)
-            if plan.config.keep_checkpoints == "best":
-                drop_superseded_checkpoints(plan.store, plan.config.epochs)
             del board_actor
             return Outcome(failed=progress.failed, interrupted=not progress.all_done)
     finally:
