@@ -278,12 +278,22 @@ def is_complete(plan) -> bool:
     return plan.restore and not plan.new_test_folds and trials_finished(plan) >= set(expected_trials(plan.grid))
 
 
+def summarize_tidied(plan) -> dict:
+    """The reducer's summary (and export), once each finished trial's checkpoints that interrupted runs left behind are
+    removed (``--keep-checkpoints best``): before it, so the export never names a folder this run then deletes."""
+    from trainable.results.reduce import summarize
+    from trainable.run.resume import drop_superseded_checkpoints
+
+    if plan.config.keep_checkpoints == "best":
+        drop_superseded_checkpoints(plan.store, plan.config.epochs)
+    return summarize(plan.store)
+
+
 def train(plan, meta, headers, args):
     """Check the disk (and on a cluster each node), build the cache, record the plan and run the trials: (outcome,
     summary), summary None when interrupted. On a cluster all of it runs joined to it, the plan settled on its nodes."""
     from trainable.run.prepare import preflight, prepare_inputs
     from trainable.run.tuner import cluster_session, run_experiment
-    from trainable.results.reduce import summarize
 
     with cluster_session(plan, args.debug) as plan:
         plan = preflight(plan, meta, args.refit, args.no_space_check)
@@ -292,7 +302,7 @@ def train(plan, meta, headers, args):
         outcome = run_experiment(plan, args.debug, args.max_failures)
     if outcome.interrupted and not outcome.failed:
         return outcome, None
-    summary = summarize(plan.store)
+    summary = summarize_tidied(plan)
     if args.refit:
         refit(summary, plan)
     return outcome, summary
@@ -304,9 +314,7 @@ def run(args: argparse.Namespace) -> int:
         return report_only(args.report_only)
     import torch
 
-    from trainable.results.reduce import summarize
     from trainable.run.prepare import make_plan
-    from trainable.run.resume import drop_superseded_checkpoints
 
     gpus = torch.cuda.device_count()
     memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus)) / 2**30 if gpus else None
@@ -323,15 +331,13 @@ def run(args: argparse.Namespace) -> int:
         if is_complete(plan) and not args.refit:  # no Ray, no cache: the report only
             print(f"Experiment {plan.exp_dir} is complete ({plan.trials} of {plan.trials} trials finished); "
                   f"rewriting its report.", flush=True)
-            summary = summarize(plan.store)
+            summary = summarize_tidied(plan)
         else:
             outcome, summary = train(plan, meta, headers, args)
             if summary is None:
                 print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
                 return 130
             failed = outcome.failed
-        if plan.config.keep_checkpoints == "best":  # what interrupted runs left behind, once the trials finished
-            drop_superseded_checkpoints(plan.store, plan.config.epochs)
     print_summary(summary, plan.exp_dir)
     if failed:
         print(f"{failed} trial(s) failed; see error.txt in their folders. Re-run the same command to retry them.",

@@ -234,9 +234,9 @@ def test_a_trial_whose_folder_holds_its_last_epoch_ends_at_once(local_ray, demo_
     from ray import tune
 
     from trainable.run.resume import run_settings, with_restore_fallback
-    from trainable.run.trial import FINISHED_EARLIER, tune_trial
-    from trainable.run.tuner import tensorboard_callback, trial_name
-    from trainable.store.experiment import TRAINER_STATE
+    from trainable.run.trial import tune_trial
+    from trainable.run.tuner import csv_callback, tensorboard_callback, trial_name
+    from trainable.store.experiment import FINISHED_EARLIER, TRAINER_STATE
 
     plan, _ = _plan(*_args(demo_assets, tmp_path, "--folds", "1", "2", "3", "--test-folds", "1", "--lrs", "1e-3",
                            "--batch-sizes", "8", "--epochs", "2"))
@@ -245,15 +245,18 @@ def test_a_trial_whose_folder_holds_its_last_epoch_ends_at_once(local_ray, demo_
     (last / TRAINER_STATE).write_text(json.dumps({"epoch": 2, "config": {"epochs": 2}}))
     rows = "".join(json.dumps({"epoch": e, "val_accuracy": 0.5}) + "\n" for e in (1, 2))
     (last.parent / "result.json").write_text(rows)  # the earlier run's: Ray's logger started it empty (review of B3)
+    table = "epoch,val_accuracy\n1,0.5\n2,0.5\n"
+    (last.parent / "progress.csv").write_text(table)  # Ray's CSV logger wrote the one result under this header
     trainable = with_restore_fallback(tune.with_parameters(tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir))
     tuner = tune.Tuner(trainable, param_space={"test_fold": tune.grid_search([1]), "lr": tune.grid_search([1e-3]),
                                                "batch_size": tune.grid_search([8])},
                        tune_config=tune.TuneConfig(trial_dirname_creator=trial_name, trial_name_creator=trial_name),
                        run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
-                                                 callbacks=[tensorboard_callback(), run_settings(plan, 0)]))
+                                                 callbacks=[tensorboard_callback(), run_settings(plan, 0),
+                                                            csv_callback()]))
     [result] = tuner.fit()  # (Ray's own TensorBoard logger would write an events file)
     assert result.error is None and result.metrics[FINISHED_EARLIER] is True and "epoch" not in result.metrics
-    assert (last.parent / "result.json").read_text().startswith(rows)
+    assert (last.parent / "result.json").read_text().startswith(rows) and (last.parent / "progress.csv").read_text() == table
     assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(("checkpoint_", "events"))) == [last.name]
 
 

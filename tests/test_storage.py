@@ -253,15 +253,19 @@ def test_s3_storage_resumes_without_retraining_and_reports_into_the_bucket(demo_
     trial = trial_dirname(1, 1e-3, 8)
     before = store.read_text(f"{trial}/result.json")
     [last] = [d for d in store.list_dirs(trial) if d.startswith("checkpoint_")]
-    with tempfile.TemporaryDirectory() as copy:  # as an interrupted run leaves it: an older checkpoint beside the last
-        store.download(f"{trial}/{last}", copy)
+    with tempfile.TemporaryDirectory() as copy:  # as an interrupted run leaves it: an older checkpoint beside the last,
+        store.download(f"{trial}/{last}", copy)  # here a full (float32) one of the best epoch, which the export prefers
         store.put_dir(copy, f"{trial}/checkpoint_000007")
+    for name in ("config.json", "model.safetensors"):
+        store.write_bytes(f"{trial}/{last}/{name}", store.read_bytes(f"{trial}/{last}/best/{name}"))
     capsys.readouterr()
     assert orchestrate.main(args) == 0  # the same command again: nothing to train, no Ray
     out = capsys.readouterr().out
     assert "is complete (" in out and "Resuming" not in out and " epoch 1/1" not in out
     assert store.read_text(f"{trial}/result.json") == before
     assert [d for d in store.list_dirs(trial) if d.startswith("checkpoint_")] == ["checkpoint_000007"]  # review of B3
+    # removed before the export, which must not name the deleted folder (it did: second review of B3)
+    assert json.loads(store.read_text("best_model/astcv_source.json"))["checkpoint"].endswith("checkpoint_000007/best")
     summary = json.loads(store.read_text("summary.json"), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert summary["complete"] and summary["best_model_dir"] == f"{s3}/uri/best_model"
     assert "Nested cross-validation" in store.read_text("report.md") and store.is_file("plots/fold_accuracy.png")

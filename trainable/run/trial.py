@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from ..faults import hold_point, kill_point
 from ..fit.checkpoint import pick_restore_point, read_trainer_state
 from ..config import TrainConfig
-from ..store.experiment import CUDA_VISIBLE_DEVICES, NODE_ID
+from ..store.experiment import CUDA_VISIBLE_DEVICES, FINISHED_EARLIER, NODE_ID
 from ..store.storage import StorageFull, is_disk_full, join, sweep_temp
 from .axes import expand_axes
 from .cluster import require_cuda
@@ -23,7 +23,6 @@ from .resume import checkpoint_folders, local_copy
 
 log = logging.getLogger(__name__)
 
-FINISHED_EARLIER = "finished_earlier"  # the one result of a trial that found its last epoch's checkpoint in its folder
 _trials_in_this_process = 0  # Tune reuses a trial's worker for the next trial (see tuner.REUSE_WORKERS)
 
 

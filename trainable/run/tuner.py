@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from ..fit.checkpoint import SIMULATE_DISK_FULL_ENV
 from ..fit.curves import LIVE_EVERY_ENV
 from ..errors import AstCvError
-from ..store.experiment import EPOCH, expected_trials, extra_axes, trial_dirname
+from ..store.experiment import EPOCH, FINISHED_EARLIER, expected_trials, extra_axes, trial_dirname
 from .cluster import NodeProblem, code_env, connect_problem, on_cluster
 from .live import syncs_artifacts
 from ..store.lock import check_held
@@ -178,6 +178,19 @@ def tensorboard_callback():
     return TrialsWriteTheirOwn()
 
 
+def csv_callback():
+    """Ray's CSV logger (progress.csv) less the one result of a trial that ended at once (``FINISHED_EARLIER``): written
+    under the header of the file it continues, its values landed in other columns (review of B3)."""
+    from ray.tune.logger import CSVLoggerCallback
+
+    class EpochRowsOnly(CSVLoggerCallback):
+        def log_trial_result(self, iteration, trial, result):
+            if not result.get(FINISHED_EARLIER):
+                super().log_trial_result(iteration, trial, result)
+
+    return EpochRowsOnly()
+
+
 def progress_board(name: str):
     """A named actor the trials post their in-epoch progress to and the driver drains (trials' own output stays in
     their logs: the console shows our lines only). By name, not by handle: Tune pickles its callbacks with the
@@ -324,7 +337,7 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2, trial
             trainable = with_restore_fallback(tune.with_resources(tune.with_parameters(
                 trial or tune_trial, base=plan.trial_base, exp_dir=plan.exp_dir, board=board), plan.resources.as_ray()))
             callbacks = [lock_guard_callback(), make_callback(plan, progress, board), tensorboard_callback(),
-                         run_settings(plan, max_failures)]
+                         run_settings(plan, max_failures), csv_callback()]  # run_settings copies the logs first
             stop = None
             if armed():
                 hooks, stop = kill_point_hooks(plan)

@@ -28,6 +28,7 @@ PER_TRIAL_CSV = "per_trial.csv"
 REPORT = "report.md"
 BEST_MODEL = "best_model"
 FINAL_MODEL = "final_model"
+FINISHED_EARLIER = "finished_earlier"  # the one result of a trial that found its last epoch's checkpoint in its folder
 SOURCE = "astcv_source.json"  # in best_model/: which trial and epoch it is
 # Files of a checkpoint folder (a Hugging Face model folder plus the training state).
 TRAINER_STATE = "trainer_state.json"
