@@ -194,6 +194,11 @@ def test_in_epoch_progress_line_when_nothing_was_said_for_a_minute():
     p.poll([TrialView("a", "RUNNING", 0)], [("a", {"epoch": 1, "phase": "validation", "step": 2, "steps": 9,
                                                    "samples_per_s": 8.0, "time": 3})])
     assert len(lines) == 1  # shown at the next minute without a line
+    p.poll([TrialView("a", "RUNNING", 0)], [("a", {"warning": "checkpoint c2 is damaged (x); trying an older one"})])
+    assert len(lines) == 2 and "a: warning: checkpoint c2 is damaged" in lines[1]  # at once, not as in-epoch news
+    p.last_line -= 61
+    p.poll([TrialView("a", "RUNNING", 0)])
+    assert len(lines) == 3 and "validation: batch 2/9" in lines[2]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Bad input gets one clear message each; faults lose no finished work; a real multi-node Ray cluster; safe loading."""
 
 import json
+import re
 import os
 import pickle
 import shutil
@@ -212,6 +213,8 @@ def test_killed_worker_is_retried_and_a_damaged_latest_checkpoint_falls_back_to_
                                             "--keep-checkpoints", "all", then=damage)  # older checkpoints are kept
     output = log.read_text()
     assert damaged == [2] and "is damaged" in output, (damaged, output[-3000:])
+    # on the console too (not only in the worker's log, which --debug shows): an epoch is trained again
+    assert re.search(r"\] fold01\S*: warning: checkpoint \S*checkpoint_000001 is damaged", output), output[-3000:]
     rows = _rows(trial)
     pids = list(dict.fromkeys(r["pid"] for r in rows))
     assert len(pids) == 2, rows  # a second worker process finished the trial

@@ -17,6 +17,7 @@ from .eta import DONE, Estimate, TrialView, damped, eta_seconds
 __all__ = ["Estimate", "Progress", "TrialView", "console", "duration", "eta_seconds"]
 
 STEP_LINE_EVERY_S = 60.0  # at least one line a minute from inside an epoch
+WARNING = "warning"  # a trial's message that the console shows at once (a damaged checkpoint passed over)
 # What a recorded timeline keeps of a result (and of Ray's last result of each trial).
 RECORDED = (EPOCH, EPOCH_SECONDS, SETUP_SECONDS, STARTUP, VAL_ACCURACY, TEST_ACCURACY, BEST_VAL_ACCURACY,
             SAMPLES_PER_SECOND)
@@ -251,7 +252,9 @@ class Progress:
         if messages:
             self._record("poll", None, ray_trials, messages=messages)
         for name, message in messages:
-            if message.get("time", 0) >= self.news.get("time", 0):
+            if WARNING in message:
+                self._line(f"{name}: warning: {message[WARNING]}")
+            elif message.get("time", 0) >= self.news.get("time", 0):
                 self.news = {**message, "trial": name}
         if self.news and self.now() - self.last_line >= STEP_LINE_EVERY_S:
             self.seed(ray_trials)

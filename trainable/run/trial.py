@@ -10,7 +10,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..faults import hold_point, kill_point
 from ..fit.checkpoint import pick_restore_point, read_trainer_state
@@ -19,6 +19,7 @@ from ..store.experiment import CUDA_VISIBLE_DEVICES, FINISHED_EARLIER, NODE_ID
 from ..store.storage import StorageFull, is_disk_full, join, sweep_temp
 from .axes import expand_axes
 from .cluster import require_cuda
+from .progress import WARNING
 from .resume import checkpoint_folders, local_copy
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,15 @@ def restore_candidates(checkpoint) -> list[tuple[Any, str]]:
     return [(fs, p) for p in ([] if path in folders else [path]) + folders]
 
 
-def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:
-    """The newest intact checkpoint of the trial on this machine, warning about each damaged or missing one (None:
-    none, or no ``checkpoint`` from Ray)."""
+def choose_restore_point(checkpoint, stack: ExitStack, tell: Callable[[str], None] | None = None) -> Path | None:
+    """The newest intact checkpoint of the trial on this machine (None: none, or no ``checkpoint`` from Ray). Each
+    damaged one passed over, and a restart from scratch, is logged and told (``tell``: the console, through the
+    progress board: epochs are trained again); a missing one (deleted after Ray's last snapshot named it) is logged."""
+    def warn(text: str) -> None:
+        log.warning(text)
+        if tell is not None:
+            tell(text)
+
     if checkpoint is None:
         return None
     for fs, path in restore_candidates(checkpoint):
@@ -58,10 +65,10 @@ def choose_restore_point(checkpoint, stack: ExitStack) -> Path | None:
             continue
         chosen, warnings = pick_restore_point([local])
         for w in warnings:
-            log.warning(w)
+            warn(w.replace(str(local), path))  # the checkpoint on storage, not its temporary copy
         if chosen is not None:
             return chosen
-    log.warning("no usable checkpoint for this trial: restarting it from scratch")
+    warn("no usable checkpoint for this trial: restarting it from scratch")
     return None
 
 
@@ -142,7 +149,7 @@ def tune_trial(trial_config: dict[str, Any], base: Mapping[str, Any], exp_dir: s
         hold_point("checkpoint_stored", name)
 
     with ExitStack() as stack:
-        restore = choose_restore_point(tune.get_checkpoint(), stack)
+        restore = choose_restore_point(tune.get_checkpoint(), stack, tell=lambda w: on_progress({WARNING: w}))
         if ended_before(restore, config.epochs, name):
             return
         curves = live_curves(exp_dir, name, config, stack)  # TensorBoard, while the epoch runs
