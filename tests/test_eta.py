@@ -66,6 +66,20 @@ def test_eta_packs_trials_onto_slots_with_measured_startups():
     assert eta_seconds(trials, 5, 1, Estimate()) is None  # nothing measured yet
 
 
+def test_a_grid_over_epochs_counts_and_shows_each_trials_own_epochs():
+    """``--grid epochs=2,3``: the lines said "epoch 2/3" for a 2-epoch trial and the ETA counted --epochs for every
+    trial (review of B3)."""
+    est = Estimate(epoch_s=[60.0], first_epoch_s=[60.0], startup_s=[0.0], cold_startup_s=[0.0], handover_s=[0.0])
+    trials = [TrialView("short", "RUNNING", 1), TrialView("long", "RUNNING", 1)]
+    assert eta_seconds(trials, {"short": 2, "long": 3}, 2, est, {"short": 0.0, "long": 0.0}) == pytest.approx(2 * 60)
+    assert eta_seconds(trials[:1], {"short": 2, "long": 3}, 2, est, {"short": 0.0}) == pytest.approx(60)
+    lines = []
+    p = Progress(["short", "long"], set(), epochs={"short": 2, "long": 3}, slots=2, out=lambda text, **_: lines.append(text))
+    p.trial_started("short", trials)
+    p.result("short", {"epoch": 2, "val_accuracy": 0.5, "test_accuracy": 0.5, "epoch_seconds": 10.0}, trials)
+    assert "short epoch 2/2:" in lines[0] and "2-3 epochs each" in lines[1]
+
+
 def test_the_shown_eta_rises_at_most_10_percent_unless_a_trial_failed():
     assert damped(200.0, 100.0, None) == (pytest.approx(110.0), "")
     assert damped(90.0, 100.0, None) == (90.0, "")

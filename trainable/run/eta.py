@@ -120,7 +120,12 @@ class Estimate:
         return 0.0 if epochs_left <= 0 else self.first_epoch + (epochs_left - 1) * self.epoch
 
 
-def eta_seconds(trials: Iterable[TrialView], epochs: int, slots: int, est: Estimate,
+def epochs_of(epochs: int | Mapping[str, int], name: str) -> int:
+    """A trial's epochs: ``epochs`` itself, or its value for the trial (a grid with an ``epochs`` axis)."""
+    return epochs if isinstance(epochs, int) else int(epochs[name])
+
+
+def eta_seconds(trials: Iterable[TrialView], epochs: int | Mapping[str, int], slots: int, est: Estimate,
                 since_result: Mapping[str, float] | None = None,
                 since_start: Mapping[str, float] | None = None, cold: Iterable[str] = (),
                 new_workers: int = 0) -> float | None:
@@ -137,7 +142,7 @@ def eta_seconds(trials: Iterable[TrialView], epochs: int, slots: int, est: Estim
     for t in trials:
         if t.status in DONE:
             continue
-        left = max(epochs - t.epochs_done, 0)
+        left = max(epochs_of(epochs, t.name) - t.epochs_done, 0)
         if left == 0:
             continue  # its last result is in, Ray is ending it
         if t.status != "RUNNING":

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..store.experiment import (BEST_VAL_ACCURACY, EPOCH, EPOCH_SECONDS, SAMPLES_PER_SECOND, SETUP_SECONDS, STARTUP,
                                 TEST_ACCURACY, VAL_ACCURACY)
-from .eta import DONE, Estimate, TrialView, damped, eta_seconds
+from .eta import DONE, Estimate, TrialView, damped, epochs_of, eta_seconds
 
 __all__ = ["Estimate", "Progress", "TrialView", "console", "duration", "eta_seconds"]
 
@@ -48,8 +48,9 @@ def console(*args: Any, **kwargs: Any) -> None:
 class Progress:
     """Console lines of one orchestrator session (``out`` is print-like, ``now`` a clock; tests pass their own)."""
 
-    def __init__(self, expected: Sequence[str], finished_before: Iterable[str], epochs: int, slots: int | None,
-                 out=console, now=time.time):
+    def __init__(self, expected: Sequence[str], finished_before: Iterable[str], epochs: int | Mapping[str, int],
+                 slots: int | None, out=console, now=time.time):
+        """``epochs``: every trial's, or each trial's by name (a grid with an ``epochs`` axis)."""
         self.expected, self.epochs, self.slots_known, self.out, self.now = list(expected), epochs, slots, out, now
         self.total = len(self.expected)
         self.timeline: list[dict[str, Any]] | None = None  # the calls, recorded when a list (benchmarks/eta.py)
@@ -132,7 +133,7 @@ class Progress:
         """A trial as this session knows it: finished or failed for good as soon as the callback said so (Ray's view
         lags by a step), pending while Ray does not know it."""
         if name in self.finished:
-            return TrialView(name, "TERMINATED", self.epochs, ray.last_result if ray else {})
+            return TrialView(name, "TERMINATED", epochs_of(self.epochs, name), ray.last_result if ray else {})
         if name in self.failures:
             return TrialView(name, "ERROR", ray.epochs_done if ray else 0, ray.last_result if ray else {})
         return ray or TrialView(name, "PENDING", 0)
@@ -188,7 +189,7 @@ class Progress:
                        if t.name == name else t for t in self.trials]  # Ray's view may lag by this very result
         if result[VAL_ACCURACY] > self.best[0]:
             self.best = (result[VAL_ACCURACY], name)
-        self._line(f"{name} epoch {result[EPOCH]}/{self.epochs}: val_acc {result[VAL_ACCURACY]:.3f} "
+        self._line(f"{name} epoch {result[EPOCH]}/{epochs_of(self.epochs, name)}: val_acc {result[VAL_ACCURACY]:.3f} "
                    f"test_acc {result[TEST_ACCURACY]:.3f} ({result.get(SAMPLES_PER_SECOND, 0):.0f} samples/s, "
                    f"{duration(float(result.get(EPOCH_SECONDS, 0.0)))}) | best val_acc {self.best[0]:.3f} ({self.best[1]})")
         if not self.announced:
@@ -209,6 +210,10 @@ class Progress:
             self.est.setup_s.append(float(result[SETUP_SECONDS]))
         self.last_report_at[name] = now
 
+    def _epochs_each(self) -> str:
+        counts = sorted({self.epochs} if isinstance(self.epochs, int) else set(self.epochs.values()))
+        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
     def announce(self) -> None:
         """The grid's expected time, once per session, as soon as an epoch is measured: the ETA of the line just shown,
         and the counts of what is left."""
@@ -218,7 +223,7 @@ class Progress:
         left = sum(t.status not in DONE for t in self.trials)
         earlier = f", {len(self.finished_before)} finished earlier" if self.finished_before else ""
         self.out(f"Estimate: the grid needs about {duration(self.shown)} more ({left} of {self.total} trials left"
-                 f"{earlier}; {self.epochs} epochs each, {duration(self.est.epoch)} per epoch, "
+                 f"{earlier}; {self._epochs_each()} epochs each, {duration(self.est.epoch)} per epoch, "
                  f"{duration(self.est.cold_startup)} to start a trial on a new worker, {duration(self.est.startup)} on a "
                  f"reused one, {self.slots} at a time). The ETA on each line is refined as epochs finish.", flush=True)
 
@@ -264,5 +269,6 @@ class Progress:
     def step(self, name: str, message: Mapping[str, Any]) -> None:
         """A trial's news from inside an epoch: where it is (training, validation, test), at what pace."""
         phase = message.get("phase", "training")
-        self._line(f"{name} epoch {message['epoch']}/{self.epochs}, {phase}: batch {message['step']}/{message['steps']} "
+        self._line(f"{name} epoch {message['epoch']}/{epochs_of(self.epochs, name)}, {phase}: "
+                   f"batch {message['step']}/{message['steps']} "
                    f"({message['samples_per_s']:.0f} samples/s)")

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from ..fit.checkpoint import SIMULATE_DISK_FULL_ENV
 from ..fit.curves import LIVE_EVERY_ENV
 from ..errors import AstCvError
-from ..store.experiment import EPOCH, FINISHED_EARLIER, expected_trials, extra_axes, trial_dirname
+from ..store.experiment import EPOCH, FINISHED_EARLIER, expected_epochs, expected_trials, extra_axes, trial_dirname
 from .cluster import NodeProblem, code_env, connect_problem, on_cluster
 from .live import syncs_artifacts
 from ..store.lock import check_held
@@ -326,7 +326,8 @@ def run_experiment(plan: Plan, debug: bool = False, max_failures: int = 2, trial
 
     from .trial import tune_trial
 
-    progress = Progress(list(expected_trials(plan.grid)), plan.finished, plan.config.epochs, plan.resources.slots())
+    progress = Progress(list(expected_trials(plan.grid)), plan.finished, expected_epochs(plan.grid, plan.config.epochs),
+                        plan.resources.slots())
     if os.environ.get(TIMELINE_ENV):
         progress.timeline = []
     session = ray_session(plan, debug) if plan.resources.address is None else driver_env(debug)  # cluster: joined

@@ -12,7 +12,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from ..errors import AstCvError
 from .storage import Store, join
@@ -162,10 +162,23 @@ def trial_extra(name: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(point.get("extra", {}).items()))
 
 
+def grid_points(grid: Mapping[str, Any]) -> Iterator[tuple[str, int, float, int, dict[str, Any]]]:
+    """(trial folder name, test fold, lr, batch size, extra axes' values) of every point of the grid."""
+    for f in grid["test_fold"]:
+        for lr in grid["lr"]:
+            for bs in grid["batch_size"]:
+                for e in extra_points(grid):
+                    yield trial_dirname(f, lr, bs, e), int(f), float(lr), int(bs), e
+
+
 def expected_trials(grid: Mapping[str, Any]) -> dict[str, tuple[int, float, int]]:
     """Trial folder name -> (test fold, lr, batch size) of every point of the grid (extra axes: in the name)."""
-    return {trial_dirname(f, lr, bs, e): (int(f), float(lr), int(bs))
-            for f in grid["test_fold"] for lr in grid["lr"] for bs in grid["batch_size"] for e in extra_points(grid)}
+    return {name: (f, lr, bs) for name, f, lr, bs, _ in grid_points(grid)}
+
+
+def expected_epochs(grid: Mapping[str, Any], epochs: int) -> dict[str, int]:
+    """Trial folder name -> its epochs: an ``epochs`` axis's value (``--grid epochs=2,3``), else ``epochs``."""
+    return {name: int(e.get("epochs", epochs)) for name, *_, e in grid_points(grid)}
 
 
 def package_versions() -> dict[str, str]:
