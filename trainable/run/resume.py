@@ -52,7 +52,7 @@ def local_copy(fs, path: str, stack) -> Path | None:
     ``stack`` (an ExitStack) closes. None when it does not exist."""
     import pyarrow.fs as pafs
 
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    if not exists(fs, path):
         return None
     if isinstance(fs, pafs.LocalFileSystem):
         return Path(path)
@@ -70,53 +70,49 @@ def exists(fs, path: str) -> bool:
         return False
 
 
-def what_is_there(result) -> tuple[Any, int]:
-    """(the training result to restore, or None for a fresh start; the highest checkpoint index in the trial folder).
-
-    ``result`` is Ray's ``_TrainingResult`` (checkpoint + metrics) the experiment snapshot names."""
+def what_is_there(result):
+    """The training result to restore, or None for a fresh start. ``result`` is Ray's ``_TrainingResult``
+    (checkpoint + metrics) the experiment snapshot names."""
     from ray.tune import Checkpoint
 
     checkpoint = result.checkpoint
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    folders = checkpoint_folders(fs, path.rsplit("/", 1)[0])
-    top = folders[-1][0] if folders else -1
     if exists(fs, path):
-        return result, top
+        return result
+    folders = checkpoint_folders(fs, path.rsplit("/", 1)[0])
     if not folders:
         log.warning("checkpoint %s is gone and the trial has no other: restarting it from scratch", path)
-        return None, top
+        return None
     newest = folders[-1][1]
     log.warning("checkpoint %s is gone (deleted after the last experiment snapshot); restoring from %s", path, newest)
-    return type(result)(checkpoint=Checkpoint(newest, filesystem=fs), metrics=dict(result.metrics or {})), top
+    return type(result)(checkpoint=Checkpoint(newest, filesystem=fs), metrics=dict(result.metrics or {}))
 
 
-def continue_from_folder(storage) -> str | None:
+def continue_from_folder(storage) -> None:
     """For a trial Ray starts without a checkpoint whose folder holds some: the newest one there becomes the trial's
     (``tune.get_checkpoint()``; the trial then picks the newest intact one) and Ray's checkpoint index moves past every
     folder there. Such a trial finished, or ran epochs, after the experiment snapshot that was restored (the newer
     ones were damaged and set aside), or its fold starts in a new Tuner because no snapshot could be restored: without
     this it was trained again from scratch (review of issue 23, B3). Called once the trial's session exists; when Ray
-    restores the trial after that, its ``restore`` replaces the checkpoint (``RestoreWhatIsThere``). The folder given,
-    or None."""
+    restores the trial after that, its ``restore`` replaces the checkpoint (``RestoreWhatIsThere``)."""
     from ray.train._internal.session import get_session
     from ray.tune import Checkpoint
 
     session = get_session()
     if storage is None or session is None:
-        return None
+        return
     folders = checkpoint_folders(storage.storage_filesystem, storage.trial_fs_path)
     if not folders:
-        return None
+        return
     storage.current_checkpoint_index = max(storage.current_checkpoint_index, folders[-1][0])
-    if session.loaded_checkpoint is not None:
-        return None
-    session.loaded_checkpoint = Checkpoint(folders[-1][1], filesystem=storage.storage_filesystem)
-    log.warning("Ray starts this trial afresh, but its folder holds checkpoints: continuing from %s", folders[-1][1])
-    return folders[-1][1]
+    if session.loaded_checkpoint is None:
+        session.loaded_checkpoint = Checkpoint(folders[-1][1], filesystem=storage.storage_filesystem)
+        log.warning("Ray starts this trial afresh, but its folder holds checkpoints: continuing from %s", folders[-1][1])
 
 
 class RestoreWhatIsThere:
-    """Mixin of Ray's function trainable (``tune_trial.__mixins__``): see the module's docstring."""
+    """Mixin of Ray's function trainable (``tune_trial.__mixins__``): see the module's docstring. Ray calls ``setup``
+    (a new worker) or ``reset_config`` (a reused one) before ``restore``."""
 
     def setup(self, config):
         super().setup(config)
@@ -138,10 +134,7 @@ class RestoreWhatIsThere:
             from ray.train._internal.session import _TrainingResult
 
             result = _TrainingResult(checkpoint=result, metrics={})
-        result, top = what_is_there(result)
-        storage = getattr(self, "_storage", None)
-        if storage is not None and storage.current_checkpoint_index < top:
-            storage.current_checkpoint_index = top  # the next checkpoint is top + 1: no orphan is overwritten
+        result = what_is_there(result)  # Ray's checkpoint index is past every folder already (setup, reset_config)
         if result is None:
             return None  # nothing to restore: the trial starts afresh (tune.get_checkpoint() is None)
         return super().restore(result)
@@ -349,19 +342,21 @@ def drop_superseded_checkpoints(store, epochs: int) -> list[str]:
 
     removed = []
     for trial in store.list_dirs():
-        folders = [d for d in store.list_dirs(trial) if _CHECKPOINT.match(d)]
+        folders = checkpoint_folders(store.fs, store.path(trial))
         if len(folders) < 2:
             continue
+        *older, (_, newest) = folders
         with ExitStack() as stack:
-            newest = local_copy(store.fs, store.path(f"{trial}/{folders[-1]}"), stack)
-            if newest is None or checkpoint_problem(newest) is not None:
+            local = local_copy(store.fs, newest, stack)
+            if local is None or checkpoint_problem(local) is not None:
                 continue
-            state = read_trainer_state(newest)
+            state = read_trainer_state(local)
             if not (state.finished if state.config else state.epoch >= epochs):  # a --grid epochs=... trial: its own
                 continue
-        for older in folders[:-1]:
-            store.delete(f"{trial}/{older}")
-            removed.append(f"{trial}/{older}")
+        for _, path in older:
+            rel = f"{trial}/{path.rstrip('/').rsplit('/', 1)[1]}"
+            store.delete(rel)
+            removed.append(rel)
     return removed
 
 
